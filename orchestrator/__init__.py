@@ -1,0 +1,1 @@
+"""Control plane of compress-sweep: runs where the user types ``sweep``."""

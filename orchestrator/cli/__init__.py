@@ -1,0 +1,1 @@
+"""The ``sweep`` command line (Typer): thin commands that parse, call a service, render."""

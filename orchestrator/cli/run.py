@@ -1,0 +1,127 @@
+"""``sweep launch`` and ``sweep validate``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from orchestrator.cli.render import Format, render
+
+
+def register(app: typer.Typer) -> None:
+    """Add the commands of this group to ``app``."""
+    app.command()(launch)
+    app.command()(validate)
+
+
+def _trial_rows(trials: list, statuses: dict[str, str] | None = None) -> list[dict]:
+    return [{"#": t.position, "model": t.model, "method": t.method, "rate": t.rate,
+             "dataset": t.dataset, "trial_key": t.trial_key[:12],
+             "status": (statuses or {}).get(t.trial_key, "new")} for t in trials]
+
+
+def validate(
+    spec_path: Path = typer.Argument(..., metavar="SPEC", help="Sweep spec (YAML)."),
+    skip_sources: bool = typer.Option(False, "--skip-sources",
+                                      help="Do not check that models and datasets exist."),
+) -> None:
+    """Check a spec and report every problem at once (exit code 2 when there are any)."""
+    from orchestrator import spec as spec_module
+
+    spec = spec_module.load(spec_path, check_sources=not skip_sources)
+    trials = spec_module.expand(spec)
+    baselines = sum(t.is_baseline for t in trials)
+    print(f"{spec_path}: ok — sweep {spec.name!r}, {len(trials)} trials "
+          f"({baselines} baseline, {len(trials) - baselines} compressed)")
+
+
+def launch(
+    ctx: typer.Context,
+    spec_path: Path = typer.Argument(..., metavar="SPEC", help="Sweep spec (YAML)."),
+    dry_run: bool = typer.Option(False, "--dry-run",
+                                 help="Print the trial table; change nothing, start nothing."),
+    max_concurrent: int = typer.Option(None, "--max-concurrent", min=1,
+                                       help="Trials at once (overrides the spec)."),
+    address: str = typer.Option(None, "--address",
+                                help="Existing Ray cluster: auto or ray://HOST:10001."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Run failed trials again."),
+    dashboard: bool = typer.Option(True, "--dashboard/--no-dashboard",
+                                   help="Start the Ray dashboard with a local Ray."),
+    fmt: Format = typer.Option(Format.table, "--format", help="Format of the final leaderboard."),
+) -> None:
+    """Run a sweep: every trial not already done in the database runs on Ray Tune."""
+    from rich.console import Console
+
+    from orchestrator import launch as service
+    from orchestrator import spec as spec_module
+
+    db_url = ctx.obj["db"]
+    spec = spec_module.load(spec_path)
+    console = Console(stderr=True)
+    if dry_run:
+        planned = service.plan(spec, str(spec_path), db_url, dry_run=True)
+        text = render(_trial_rows(planned.trials), ["#", "model", "method", "rate", "dataset",
+                                                    "trial_key"], fmt,
+                      title=f"sweep {spec.name}: {len(planned.trials)} trials (dry run)")
+        if text is not None:
+            print(text)
+        return
+    planned = service.plan(spec, str(spec_path), db_url, retry_failed=retry_failed)
+    skipped = len(planned.trials) - len(planned.to_run)
+    console.print(f"sweep [bold]{spec.name}[/]: {len(planned.trials)} trials, "
+                  f"{skipped} already recorded, {len(planned.to_run)} to run "
+                  f"(results: {service.describe_db(db_url)})")
+    if not planned.to_run:
+        failed = sum(1 for s in planned.statuses.values() if s == "failed")
+        note = f" ({failed} failed: rerun them with --retry-failed)" if failed else ""
+        console.print(f"nothing to run: every trial is already done{note}")
+    else:
+        outcome = _run_with_progress(service, planned, db_url, console, max_concurrent, address,
+                                     dashboard)
+        console.print(f"ran {outcome.ran} trials in {outcome.seconds:.0f} s: "
+                      f"{outcome.done} done, {outcome.failed} failed")
+    from orchestrator.cli.results import print_leaderboard
+
+    print_leaderboard(db_url, metric="score", sweep=spec.name, fmt=fmt, top=None,
+                      include_failed=False)
+    if not planned.to_run:
+        return
+    if outcome.failed:
+        console.print(f"[red]{outcome.failed} trial(s) failed[/]: see `sweep status --sweep "
+                      f"{spec.name}`")
+        sys.exit(1)
+
+
+def _run_with_progress(service, planned, db_url, console, max_concurrent, address, dashboard):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("done {task.fields[done]} · running {task.fields[running]} · "
+                              "failed {task.fields[failed]}"),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                   console=console, transient=False)
+    task = bar.add_task(planned.spec.name, total=len(planned.to_run), done=0, running=0, failed=0)
+
+    def on_start(url: str | None) -> None:
+        if url:
+            console.print(f"Ray dashboard: [link={url}]{url}[/link]")
+        bar.start()
+
+    def on_change(progress) -> None:
+        bar.update(task, completed=progress.done + progress.failed, done=progress.done,
+                   running=progress.running, failed=progress.failed)
+
+    try:
+        return service.run(planned, db_url, max_concurrent=max_concurrent, address=address,
+                           include_dashboard=dashboard, on_start=on_start, on_change=on_change)
+    finally:
+        bar.stop()

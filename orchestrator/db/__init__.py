@@ -1,0 +1,1 @@
+"""Results database: ORM models, engine and session scope, schema check, writes."""

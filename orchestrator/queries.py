@@ -1,0 +1,293 @@
+"""Reads of the results database for `sweep status | leaderboard | …`: plain dict rows.
+
+Nothing here writes. The score is computed at read time from the stored metrics and the
+sweep's stored spec, so changing the weight in a spec and relaunching re-scores old trials
+without re-running them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from orchestrator.db.models import TRIAL_STATUSES, Environment, Metric, Sweep, Trial
+from orchestrator.errors import BadInput, did_you_mean
+
+SPEED_METRIC = "decode_ms_per_token"
+DEFAULT_QUALITY_METRIC = "perplexity"
+DEFAULT_WEIGHT = 0.5
+# Columns the leaderboard computes; all are higher-is-better.
+COMPUTED_METRICS: tuple[str, ...] = ("score", "perf_norm", "speed_norm")
+
+
+def _sweeps(session: Session, sweep: str | None) -> list[Sweep]:
+    if sweep is None:
+        return list(session.scalars(select(Sweep).order_by(Sweep.created_at, Sweep.name)))
+    found = session.scalars(select(Sweep).where(Sweep.name == sweep)).one_or_none()
+    if found is None:
+        names = list(session.scalars(select(Sweep.name)))
+        known = f"; known sweeps: {', '.join(sorted(names))}" if names else "; no sweeps yet"
+        raise BadInput(f"unknown sweep {sweep!r}{did_you_mean(sweep, names)}{known}")
+    return [found]
+
+
+def _last_activity(session: Session, sweeps: list[Sweep]) -> dict[int, datetime]:
+    # A sweep row changes only at launch; the trials say when anything last happened.
+    latest = {s.id: s.updated_at for s in sweeps}
+    rows = session.execute(
+        select(Trial.sweep_id, func.max(Trial.started_at), func.max(Trial.finished_at))
+        .where(Trial.sweep_id.in_(latest))
+        .group_by(Trial.sweep_id)
+    ).all()
+    for sweep_id, started, finished in rows:
+        for moment in (started, finished):
+            if moment is not None and moment > latest[sweep_id]:
+                latest[sweep_id] = moment
+    return latest
+
+
+def _status_counts(session: Session, sweep_ids: list[int]) -> dict[int, dict[str, int]]:
+    counts = {sweep_id: dict.fromkeys(TRIAL_STATUSES, 0) for sweep_id in sweep_ids}
+    rows = session.execute(
+        select(Trial.sweep_id, Trial.status, func.count())
+        .where(Trial.sweep_id.in_(sweep_ids))
+        .group_by(Trial.sweep_id, Trial.status)
+    ).all()
+    for sweep_id, status, n in rows:
+        counts[sweep_id][status] = int(n)
+    return counts
+
+
+def list_sweeps(session: Session) -> list[dict[str, Any]]:
+    """Every sweep, oldest first.
+
+    Row keys: ``name``, ``spec_path``, ``created_at``, ``updated_at`` (last activity of the
+    sweep or any of its trials), ``trials`` and its alias ``total`` (the trial count),
+    ``counts`` ({status: n} with every status),
+    ``models`` and ``methods`` (sorted distinct names).
+    """
+    sweeps = _sweeps(session, None)
+    ids = [s.id for s in sweeps]
+    counts = _status_counts(session, ids)
+    activity = _last_activity(session, sweeps)
+    models: dict[int, set[str]] = defaultdict(set)
+    methods: dict[int, set[str]] = defaultdict(set)
+    pairs = session.execute(
+        select(Trial.sweep_id, Trial.model, Trial.method)
+        .where(Trial.sweep_id.in_(ids))
+        .distinct()
+    ).all()
+    for sweep_id, model, method in pairs:
+        models[sweep_id].add(model)
+        methods[sweep_id].add(method)
+    return [
+        {
+            "name": s.name,
+            "spec_path": s.spec_path,
+            "created_at": s.created_at,
+            "updated_at": activity[s.id],
+            "trials": sum(counts[s.id].values()),
+            "total": sum(counts[s.id].values()),
+            "counts": counts[s.id],
+            "models": sorted(models[s.id]),
+            "methods": sorted(methods[s.id]),
+        }
+        for s in sweeps
+    ]
+
+
+def sweep_status(session: Session, sweep: str | None = None) -> list[dict[str, Any]]:
+    """Trial counts per status of one sweep (or of every sweep when ``sweep`` is None).
+
+    Rows: ``{"name", "counts": {"pending", "running", "done", "failed"}, "total",
+    "updated_at"}``; all four statuses are always present. An unknown sweep name raises
+    :class:`BadInput` with a suggestion.
+    """
+    sweeps = _sweeps(session, sweep)
+    counts = _status_counts(session, [s.id for s in sweeps])
+    activity = _last_activity(session, sweeps)
+    return [
+        {
+            "name": s.name,
+            "counts": counts[s.id],
+            "total": sum(counts[s.id].values()),
+            "updated_at": activity[s.id],
+        }
+        for s in sweeps
+    ]
+
+
+def _score_settings(spec: dict[str, Any] | None) -> tuple[str, float]:
+    score = (spec or {}).get("score") or {}
+    quality = score.get("quality_metric") or DEFAULT_QUALITY_METRIC
+    weight = score.get("weight")
+    return str(quality), float(DEFAULT_WEIGHT if weight is None else weight)
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return numerator / denominator
+
+
+def perf_norm(
+    quality: float | None, quality_base: float | None, direction: str | None
+) -> float | None:
+    """Quality relative to the baseline, 1.0 = as good as the base, higher is better."""
+    if direction == "higher":
+        return _ratio(quality, quality_base)
+    if direction == "lower":
+        return _ratio(quality_base, quality)
+    return None
+
+
+def speed_norm(tpt: float | None, tpt_base: float | None) -> float | None:
+    """1 − time per token / the baseline's: 0 for the base, 0.5 for twice as fast."""
+    ratio = _ratio(tpt, tpt_base)
+    return None if ratio is None else 1.0 - ratio
+
+
+def score(perf: float | None, speed: float | None, weight: float) -> float | None:
+    """max(w·PerfNorm + (1−w)·SpeedNorm, 0); None when either part is missing."""
+    if perf is None or speed is None:
+        return None
+    return max(weight * perf + (1.0 - weight) * speed, 0.0)
+
+
+def leaderboard(
+    session: Session,
+    metric: str = "score",
+    sweep: str | None = None,
+    include_failed: bool = False,
+) -> list[dict[str, Any]]:
+    """One row per finished trial (failed ones only with ``include_failed``), best first.
+
+    ``metric`` is ``score`` (default), ``perf_norm``, ``speed_norm`` or any stored metric
+    name; rows lacking it go last. Stored metrics sort by their stored direction (higher if
+    none is stored). Row keys: ``sweep``, ``model``, ``method``, ``rate``, ``dataset``,
+    ``params``, ``position``, ``trial_key``, ``status``, ``is_baseline``, ``error_type``,
+    ``score``, ``perf_norm``, ``speed_norm``, ``metrics`` ({name: value}) and
+    ``directions`` ({name: direction}).
+
+    A trial's baseline is the finished ``is_baseline`` trial of the same sweep, model and
+    dataset. PerfNorm uses the sweep spec's ``score.quality_metric`` (default perplexity)
+    and SpeedNorm ``decode_ms_per_token``, the latter only when both ran on the same
+    hardware fingerprint. Failed trials never get a score. An unknown ``metric`` raises
+    :class:`BadInput` listing the available names.
+    """
+    sweeps = _sweeps(session, sweep)
+    by_id = {s.id: s for s in sweeps}
+    trials = session.execute(
+        select(
+            Trial.id,
+            Trial.sweep_id,
+            Trial.trial_key,
+            Trial.position,
+            Trial.model,
+            Trial.method,
+            Trial.rate,
+            Trial.dataset,
+            Trial.params,
+            Trial.is_baseline,
+            Trial.status,
+            Trial.error_type,
+            Environment.hardware_fingerprint,
+        )
+        .outerjoin(Environment, Trial.environment_id == Environment.id)
+        .where(Trial.sweep_id.in_(by_id))
+        .order_by(Trial.sweep_id, Trial.position, Trial.id)
+    ).all()
+
+    values: dict[int, dict[str, float | None]] = defaultdict(dict)
+    directions: dict[int, dict[str, str | None]] = defaultdict(dict)
+    metric_rows = session.execute(
+        select(Metric.trial_id, Metric.name, Metric.value, Metric.direction)
+        .join(Trial, Metric.trial_id == Trial.id)
+        .where(Trial.sweep_id.in_(by_id))
+    ).all()
+    for trial_id, name, value, direction in metric_rows:
+        values[trial_id][name] = value
+        directions[trial_id][name] = direction
+
+    available = set(COMPUTED_METRICS) | {n for names in values.values() for n in names}
+    if metric not in available:
+        raise BadInput(
+            f"unknown metric {metric!r}{did_you_mean(metric, available)}; "
+            f"available: {', '.join(sorted(available))}"
+        )
+
+    baselines: dict[tuple[int, str, str], Any] = {}
+    for t in trials:
+        if t.is_baseline and t.status == "done":
+            # Ordered by position: the first baseline of a pair wins should there be several.
+            baselines.setdefault((t.sweep_id, t.model, t.dataset), t)
+
+    shown = ("done", "failed") if include_failed else ("done",)
+    rows: list[dict[str, Any]] = []
+    for t in trials:
+        if t.status not in shown:
+            continue
+        perf = speed = total = None
+        base = baselines.get((t.sweep_id, t.model, t.dataset))
+        if t.status == "done" and base is not None:
+            quality_metric, weight = _score_settings(by_id[t.sweep_id].spec)
+            direction = directions[t.id].get(quality_metric) or directions[base.id].get(
+                quality_metric
+            )
+            perf = perf_norm(
+                values[t.id].get(quality_metric), values[base.id].get(quality_metric), direction
+            )
+            if t.hardware_fingerprint is not None and (
+                t.hardware_fingerprint == base.hardware_fingerprint
+            ):
+                speed = speed_norm(
+                    values[t.id].get(SPEED_METRIC), values[base.id].get(SPEED_METRIC)
+                )
+            total = score(perf, speed, weight)
+        rows.append(
+            {
+                "sweep": by_id[t.sweep_id].name,
+                "model": t.model,
+                "method": t.method,
+                "rate": t.rate,
+                "dataset": t.dataset,
+                "params": t.params,
+                "position": t.position,
+                "trial_key": t.trial_key,
+                "status": t.status,
+                "is_baseline": t.is_baseline,
+                "error_type": t.error_type,
+                "score": total,
+                "perf_norm": perf,
+                "speed_norm": speed,
+                "metrics": dict(values[t.id]),
+                "directions": dict(directions[t.id]),
+            }
+        )
+    return _sorted(rows, metric)
+
+
+def _sorted(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    if metric in COMPUTED_METRICS:
+        higher = True
+
+        def value_of(row: dict[str, Any]) -> float | None:
+            return row[metric]
+    else:
+        stored = Counter(
+            row["directions"][metric] for row in rows if row["directions"].get(metric)
+        )
+        higher = not stored or stored.most_common(1)[0][0] == "higher"
+
+        def value_of(row: dict[str, Any]) -> float | None:
+            return row["metrics"].get(metric)
+
+    keyed = [(value, r) for r in rows if (value := value_of(r)) is not None]
+    missing = [r for r in rows if value_of(r) is None]
+    # sort() is stable (also reversed), so ties and missing rows keep the sweep/grid order.
+    keyed.sort(key=lambda pair: pair[0], reverse=higher)
+    return [r for _, r in keyed] + missing

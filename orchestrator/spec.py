@@ -1,0 +1,445 @@
+"""The sweep spec: pydantic models, loading with YAML-path errors, and grid expansion.
+
+A spec is data: it is read with ``yaml.safe_load`` semantics and nothing in it is
+imported or evaluated. ``load`` reports every problem at once, each with its YAML path
+(and line), so a researcher fixes a spec in one pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from orchestrator.errors import SpecError, did_you_mean
+
+MAX_TRIALS = 10_000
+MAX_SPEC_BYTES = 1_000_000
+BASELINE_METHOD = "none"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelEntry(_Strict):
+    """One base model: a built-in name, a ``llama2c:`` checkpoint, a local directory or a hub id."""
+
+    id: str = Field(min_length=1)
+    source: Literal["builtin", "llama2c", "local", "hub"] | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    trust_remote_code: bool = False
+
+
+class MethodEntry(_Strict):
+    """One compression method with the rates to sweep and its parameters."""
+
+    name: str = Field(min_length=1)
+    rates: list[float] = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class DatasetEntry(_Strict):
+    """One evaluation dataset."""
+
+    name: str = Field(min_length=1)
+    split: str | None = None
+    limit: int | None = Field(default=None, gt=0)
+
+
+class SpeedSettings(_Strict):
+    """How the speed evaluator measures: warm-up runs, timed repeats (median), shapes."""
+
+    warmup: int = Field(default=2, ge=0)
+    repeats: int = Field(default=5, ge=1)
+    prompt_length: int = Field(default=64, ge=1)
+    new_tokens: int = Field(default=32, ge=1)
+    batch_size: int = Field(default=1, ge=1)
+
+
+class EvaluationSettings(_Strict):
+    """What every trial measures and how."""
+
+    metrics: list[str] = Field(default_factory=lambda: ["perplexity", "speed"], min_length=1)
+    batch_size: int = Field(default=8, ge=1)
+    max_length: int = Field(default=128, ge=2)
+    stride: int | None = Field(default=None, ge=1)
+    probe_length: int = Field(default=32, ge=2)
+    speed: SpeedSettings = Field(default_factory=SpeedSettings)
+
+
+class Resources(_Strict):
+    """Per-trial resources; ``gpus_per_trial`` defaults to 1 on a cluster with GPUs, else 0."""
+
+    gpus_per_trial: float | None = Field(default=None, ge=0)
+    cpus_per_trial: float = Field(default=1, gt=0)
+
+
+class ScoreSettings(_Strict):
+    """Score = max(w·PerfNorm + (1−w)·SpeedNorm, 0) with PerfNorm from ``quality_metric``."""
+
+    quality_metric: str = "perplexity"
+    weight: float = Field(default=0.5, ge=0, le=1)
+
+
+class SweepSpec(_Strict):
+    """A whole sweep: models × methods × rates × datasets, plus one baseline per model × dataset."""
+
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    models: list[ModelEntry] = Field(min_length=1)
+    methods: list[MethodEntry] = Field(default_factory=list)
+    datasets: list[DatasetEntry] = Field(min_length=1)
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    resources: Resources = Field(default_factory=Resources)
+    max_concurrent_trials: int | None = Field(default=None, ge=1)
+    seed: int = 0
+    score: ScoreSettings = Field(default_factory=ScoreSettings)
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One trial of the grid; ``config`` is the plain dict a worker receives."""
+
+    trial_key: str
+    position: int
+    model: str
+    method: str
+    rate: float | None
+    dataset: str
+    params: dict[str, Any]
+    is_baseline: bool
+    config: dict[str, Any]
+
+    def row(self) -> dict[str, Any]:
+        """The fields the database stores for this trial."""
+        return {
+            "trial_key": self.trial_key, "position": self.position, "model": self.model,
+            "method": self.method, "rate": self.rate, "dataset": self.dataset,
+            "params": self.params, "config": self.config, "is_baseline": self.is_baseline,
+        }
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load(path: str | Path, check_sources: bool = True) -> SweepSpec:
+    """Read and validate a spec file; raise :class:`SpecError` listing every problem."""
+    path = Path(path)
+    try:
+        raw_bytes = path.read_bytes()
+    except FileNotFoundError:
+        raise SpecError([f"spec file not found: {path}"]) from None
+    except OSError as exc:
+        raise SpecError([f"cannot read spec file {path}: {exc.strerror}"]) from None
+    if len(raw_bytes) > MAX_SPEC_BYTES:
+        raise SpecError([f"spec is {len(raw_bytes):,} bytes; a sweep spec must be under "
+                         f"{MAX_SPEC_BYTES:,} bytes"], source=str(path))
+    try:
+        text = raw_bytes.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(["spec is not UTF-8 text"], source=str(path)) from None
+    return loads(text, source=str(path), check_sources=check_sources)
+
+
+def loads(text: str, source: str = "<spec>", check_sources: bool = True) -> SweepSpec:
+    """Validate spec text; ``check_sources`` also checks that models and datasets exist."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError([f"{where}invalid YAML: {problem}"], source=source) from None
+    lines = _line_index(node)
+    if not isinstance(data, dict):
+        raise SpecError(["the spec must be a YAML mapping with name, models, methods, "
+                         "datasets"], source=source)
+    problems: list[tuple[tuple, str]] = []
+    spec: SweepSpec | None = None
+    try:
+        spec = SweepSpec.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            problems.append((tuple(err["loc"]), _pydantic_message(err, SweepSpec)))
+    problems.extend(_semantic_problems(data, check_sources))
+    if problems:
+        raise SpecError(_format(problems, lines), source=source)
+    assert spec is not None
+    total = grid_size(spec)
+    if total > MAX_TRIALS:
+        raise SpecError([f"the grid has {total:,} trials; at most {MAX_TRIALS:,} per sweep — "
+                         "split it into several specs"], source=source)
+    return spec
+
+
+def _pydantic_message(err: dict[str, Any], model: type[BaseModel] | None = None) -> str:
+    if err["type"] == "extra_forbidden":
+        allowed = _fields_at(model, tuple(err["loc"][:-1])) if model is not None else []
+        name = str(err["loc"][-1])
+        hint = did_you_mean(name, allowed)
+        return f"unknown field{hint}" + (f"; allowed: {', '.join(allowed)}" if allowed
+                                          and not hint else "")
+    if err["type"] == "missing":
+        return "required field is missing"
+    return err["msg"]
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names (aliases) of the pydantic model found at ``loc`` below ``model``."""
+    import typing
+
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return []
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return []
+        current = field.annotation
+        # Unwrap list[X] / X | None to the model inside.
+        for _ in range(3):
+            args = [a for a in typing.get_args(current) if a is not type(None)]
+            if isinstance(current, type) and issubclass(current, BaseModel) or not args:
+                break
+            current = args[0]
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return [f.alias or n for n, f in current.model_fields.items()]
+    return []
+
+
+def _line_index(node: yaml.Node | None) -> dict[tuple, int]:
+    """Map every YAML path to its 1-based line, to point at the problem in the file."""
+    out: dict[tuple, int] = {}
+
+    def walk(n: yaml.Node, path: tuple) -> None:
+        out[path] = n.start_mark.line + 1
+        if isinstance(n, yaml.MappingNode):
+            for key, value in n.value:
+                k = key.value
+                out[(*path, k)] = key.start_mark.line + 1
+                walk(value, (*path, k))
+        elif isinstance(n, yaml.SequenceNode):
+            for i, item in enumerate(n.value):
+                walk(item, (*path, i))
+
+    if node is not None:
+        walk(node, ())
+    return out
+
+
+def format_path(loc: tuple) -> str:
+    """``('methods', 0, 'name')`` → ``methods[0].name``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "<spec>"
+
+
+def _format(problems: list[tuple[tuple, str]], lines: dict[tuple, int]) -> list[str]:
+    out = []
+    seen = set()
+    for loc, message in sorted(problems, key=lambda p: (_line_of(p[0], lines), p[0].__repr__())):
+        line = _line_of(loc, lines)
+        text = f"line {line}: {format_path(loc)}: {message}" if line else \
+            f"{format_path(loc)}: {message}"
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out
+
+
+def _line_of(loc: tuple, lines: dict[tuple, int]) -> int:
+    # An unknown or missing key has no line of its own: use its nearest parent's.
+    for cut in range(len(loc), -1, -1):
+        if loc[:cut] in lines:
+            return lines[loc[:cut]]
+    return 0
+
+
+def _semantic_problems(data: dict[str, Any], check_sources: bool) -> list[tuple[tuple, str]]:
+    """Checks pydantic cannot do alone: registry names, method params, rates, duplicates."""
+    from workers.evaluators import evaluators, metric_directions
+    from workers.methods import methods
+
+    known_methods = {n: m for n, m in methods().items() if n != BASELINE_METHOD}
+    problems: list[tuple[tuple, str]] = []
+
+    method_entries = data.get("methods")
+    if isinstance(method_entries, list):
+        seen_methods: dict[str, int] = {}
+        for i, entry in enumerate(method_entries):
+            if not isinstance(entry, dict):
+                continue
+            name = entry.get("name")
+            if isinstance(name, str) and name:
+                if name not in known_methods:
+                    problems.append(((("methods", i, "name")), f"unknown method {name!r}"
+                                     + did_you_mean(name, known_methods)
+                                     + f"; known: {', '.join(sorted(known_methods))}"))
+                else:
+                    params = entry.get("params", {})
+                    if isinstance(params, dict):
+                        try:
+                            known_methods[name].config.model_validate(params)
+                        except ValidationError as exc:
+                            config_cls = known_methods[name].config
+                            for err in exc.errors():
+                                problems.append((("methods", i, "params", *err["loc"]),
+                                                 _pydantic_message(err, config_cls)))
+                key = json.dumps([name, entry.get("params", {})], sort_keys=True, default=str)
+                if key in seen_methods:
+                    problems.append((("methods", i), f"duplicate of methods[{seen_methods[key]}]"
+                                     " (same name and params): merge their rates"))
+                else:
+                    seen_methods[key] = i
+            rates = entry.get("rates")
+            if isinstance(rates, list):
+                seen_rates: set[float] = set()
+                for j, rate in enumerate(rates):
+                    if isinstance(rate, bool) or not isinstance(rate, int | float):
+                        continue
+                    if not 0 < rate < 1:
+                        problems.append((("methods", i, "rates", j),
+                                         f"rate {rate} is outside (0, 1): a rate is the fraction "
+                                         "removed (0 is the baseline, which every sweep has)"))
+                    elif rate in seen_rates:
+                        problems.append((("methods", i, "rates", j), f"duplicate rate {rate}"))
+                    seen_rates.add(rate)
+
+    evaluation = data.get("evaluation")
+    known_evaluators = evaluators()
+    if isinstance(evaluation, dict):
+        names = evaluation.get("metrics")
+        if isinstance(names, list):
+            seen_names: set[str] = set()
+            for i, name in enumerate(names):
+                if not isinstance(name, str):
+                    continue
+                if name not in known_evaluators:
+                    problems.append((("evaluation", "metrics", i), f"unknown evaluator {name!r}"
+                                     + did_you_mean(name, known_evaluators)
+                                     + f"; known: {', '.join(sorted(known_evaluators))}"))
+                elif name in seen_names:
+                    problems.append((("evaluation", "metrics", i), f"duplicate evaluator {name!r}"))
+                seen_names.add(name)
+        max_length, stride = evaluation.get("max_length", 128), evaluation.get("stride")
+        if isinstance(max_length, int) and isinstance(stride, int) and stride >= max_length:
+            problems.append((("evaluation", "stride"), f"stride {stride} must be smaller than "
+                             f"max_length {max_length}: a window's first token has no context "
+                             "in that window, so windows must overlap"))
+
+    score = data.get("score")
+    if isinstance(score, dict) and isinstance(score.get("quality_metric"), str):
+        quality = score["quality_metric"]
+        directions = metric_directions()
+        if quality not in directions or directions[quality] is None:
+            choices = [m for m, d in directions.items() if d is not None]
+            problems.append((("score", "quality_metric"), f"unknown quality metric {quality!r}"
+                             + did_you_mean(quality, choices)))
+
+    problems.extend(_duplicate_problems(data, "models", "id"))
+    problems.extend(_duplicate_problems(data, "datasets", "name"))
+    if check_sources:
+        problems.extend(_source_problems(data))
+    return problems
+
+
+def _duplicate_problems(data: dict[str, Any], section: str, field: str) -> list[tuple[tuple, str]]:
+    entries = data.get(section)
+    if not isinstance(entries, list):
+        return []
+    seen: dict[str, int] = {}
+    out = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, dict) and isinstance(entry.get(field), str):
+            key = json.dumps(entry, sort_keys=True, default=str)
+            if key in seen:
+                out.append(((section, i), f"duplicate of {section}[{seen[key]}]"))
+            seen[key] = i
+    return out
+
+
+def _source_problems(data: dict[str, Any]) -> list[tuple[tuple, str]]:
+    """Models and datasets must exist before anything is scheduled."""
+    from workers.data import check_dataset
+    from workers.models import check_model_id
+
+    out = []
+    for i, entry in enumerate(data.get("models") or []):
+        if isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"]:
+            check = check_model_id(entry["id"])
+            if not check.ok:
+                out.append((("models", i, "id"), check.message))
+    for i, entry in enumerate(data.get("datasets") or []):
+        if isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry["name"]:
+            split = entry.get("split") if isinstance(entry.get("split"), str) else None
+            check = check_dataset(entry["name"], split)
+            if not check.ok:
+                out.append((("datasets", i, "name"), check.message))
+    return out
+
+
+# --------------------------------------------------------------------------- expansion
+
+
+def canonical_json(obj: Any) -> str:
+    """Canonical JSON: sorted keys, no whitespace; the basis of trial keys."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def trial_key(model: dict, method: str, params: dict, rate: float | None, dataset: dict,
+              evaluation: dict, seed: int) -> str:
+    """sha256 of the canonical JSON of everything that determines a trial's result."""
+    payload = {"model": model, "method": method, "params": params, "rate": rate,
+               "dataset": dataset, "evaluation": evaluation, "seed": seed}
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def grid_size(spec: SweepSpec) -> int:
+    """Number of trials ``expand`` would produce, without building them."""
+    per_pair = 1 + sum(len(method.rates) for method in spec.methods)
+    return len(spec.models) * len(spec.datasets) * per_pair
+
+
+def expand(spec: SweepSpec) -> list[TrialSpec]:
+    """The grid, model-major (so a worker keeps its loaded model), baseline first per pair."""
+    from workers.methods import methods
+
+    registry = methods()
+    evaluation = spec.evaluation.model_dump(mode="json")
+    trials: list[TrialSpec] = []
+    for model in spec.models:
+        model_dict = model.model_dump(mode="json")
+        for dataset in spec.datasets:
+            dataset_dict = dataset.model_dump(mode="json")
+            grid: list[tuple[str, dict, float | None]] = [(BASELINE_METHOD, {}, None)]
+            for method in spec.methods:
+                # Defaults are filled in so that spelling a default out does not change the key.
+                params = registry[method.name].config.model_validate(method.params).model_dump(
+                    mode="json", by_alias=True)
+                grid.extend((method.name, params, float(rate)) for rate in method.rates)
+            for method_name, params, rate in grid:
+                key = trial_key(model_dict, method_name, params, rate, dataset_dict,
+                                evaluation, spec.seed)
+                config = {
+                    "trial_key": key, "sweep": spec.name, "model": model_dict,
+                    "method": {"name": method_name, "params": params, "rate": rate},
+                    "dataset": dataset_dict, "evaluation": evaluation, "seed": spec.seed,
+                    "is_baseline": method_name == BASELINE_METHOD,
+                }
+                trials.append(TrialSpec(
+                    trial_key=key, position=len(trials), model=model.id, method=method_name,
+                    rate=rate, dataset=dataset.name, params=params,
+                    is_baseline=method_name == BASELINE_METHOD, config=config))
+    return trials

@@ -1,0 +1,191 @@
+"""Alembic migrations agree with the ORM models and move data safely (migrations/)."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, MetaData, func, inspect, select
+
+from orchestrator.db import engine as engine_module
+from orchestrator.db.engine import (
+    current_revision,
+    downgrade,
+    ensure_schema,
+    head_revision,
+    make_engine,
+    redact_url,
+    session_scope,
+    upgrade,
+)
+from orchestrator.db.models import Base, Evidence, Metric, Trial
+from orchestrator.db.store import record_result, register_sweep
+from orchestrator.errors import SchemaOutOfDate
+
+TABLES = {"sweeps", "environments", "trials", "metrics", "evidence"}
+
+SECOND_REVISION = '''"""Test-only revision 0002: rebuilds `trials` with a new column."""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0002_test"
+down_revision = "0001_initial"
+branch_labels = None
+depends_on = None
+
+
+def _recreate() -> str:
+    # Force SQLite's copy-and-move (the risky path); PostgreSQL alters in place.
+    return "always" if op.get_bind().dialect.name == "sqlite" else "auto"
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("trials", recreate=_recreate()) as batch:
+        batch.add_column(sa.Column("note", sa.Text(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("trials", recreate=_recreate()) as batch:
+        batch.drop_column("note")
+'''
+
+
+def _diff(engine: Engine, metadata: MetaData) -> list[Any]:
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True})
+        return compare_metadata(context, metadata)
+
+
+def _tables(engine: Engine) -> set[str]:
+    return set(inspect(engine).get_table_names())
+
+
+def test_upgrade_head_creates_every_table(db_url: str) -> None:
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    assert _tables(engine) == TABLES | {"alembic_version"}
+    assert current_revision(db_url) == head_revision() == "0001_initial"
+
+
+def test_migrated_schema_equals_the_models(db_url: str) -> None:
+    upgrade(db_url)
+    assert _diff(make_engine(db_url), Base.metadata) == []
+
+
+def test_the_comparison_would_see_a_difference(db_url: str) -> None:
+    """Guards the test above: a model change without a migration must show up."""
+    upgrade(db_url)
+    changed = MetaData(naming_convention=Base.metadata.naming_convention)
+    for table in Base.metadata.sorted_tables:
+        table.to_metadata(changed)
+    changed.tables["trials"].append_column(sa.Column("note", sa.Text()))
+    changed.tables["metrics"].c.name.type = sa.String(length=50)
+    diff = _diff(make_engine(db_url), changed)
+    kinds = {entry[0] if isinstance(entry, tuple) else entry[0][0] for entry in diff}
+    assert kinds == {"add_column", "modify_type"}
+
+
+def _index_names(inspector: Any, table: str) -> set[str]:
+    # PostgreSQL also lists the index behind each unique constraint; those are not ours.
+    return {
+        i["name"] for i in inspector.get_indexes(table) if not i.get("duplicates_constraint")
+    }
+
+
+def test_constraint_names_follow_the_naming_convention(db_url: str) -> None:
+    upgrade(db_url)
+    inspector = inspect(make_engine(db_url))
+    assert {u["name"] for u in inspector.get_unique_constraints("trials")} == {
+        "uq_trials_sweep_id_trial_key"}
+    assert {f["name"] for f in inspector.get_foreign_keys("trials")} == {
+        "fk_trials_sweep_id_sweeps", "fk_trials_environment_id_environments"}
+    assert {c["name"] for c in inspector.get_check_constraints("trials")} == {"ck_trials_status"}
+    assert _index_names(inspector, "trials") == {
+        "ix_trials_sweep_id_status", "ix_trials_environment_id"}
+    assert {u["name"] for u in inspector.get_unique_constraints("metrics")} == {
+        "uq_metrics_trial_id_name"}
+    assert _index_names(inspector, "environments") == {"ix_environments_hardware_fingerprint"}
+
+
+def test_downgrade_base_then_upgrade_head_round_trips(db_url: str) -> None:
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    downgrade(db_url, "base")
+    assert _tables(engine) <= {"alembic_version"}
+    assert current_revision(db_url) is None
+    upgrade(db_url)
+    assert _tables(engine) == TABLES | {"alembic_version"}
+    assert _diff(engine, Base.metadata) == []
+    with session_scope(engine, write=True) as session:
+        register_sweep(session, "again", {}, None, [])  # the schema works after the trip
+
+
+def test_ensure_schema_treats_a_downgraded_database_as_empty(db_url: str) -> None:
+    upgrade(db_url)
+    downgrade(db_url, "base")
+    ensure_schema(db_url, create=True)
+    assert current_revision(db_url) == head_revision()
+
+
+@pytest.fixture
+def newer_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The migrations as a future release would ship them: one revision past 0001."""
+    location = tmp_path / "future_migrations"
+    shutil.copytree(engine_module.script_location(), location,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (location / "versions" / "0002_test.py").write_text(SECOND_REVISION)
+    monkeypatch.setattr(engine_module, "script_location", lambda: str(location))
+    return location
+
+
+def test_older_schema_is_refused_with_the_upgrade_command(
+    db_url: str, newer_code: Path
+) -> None:
+    upgrade(db_url, "0001_initial")  # a database written by the previous release
+    with pytest.raises(SchemaOutOfDate) as caught:
+        ensure_schema(db_url, create=True)
+    message = str(caught.value)
+    assert "sweep db upgrade" in message
+    assert redact_url(db_url) in message
+    assert "'0001_initial'" in message and "'0002_test'" in message
+    assert caught.value.exit_code == 1
+    assert current_revision(db_url) == "0001_initial"  # refused, not migrated behind our back
+
+
+def test_upgrade_moves_data_through_a_table_rebuild(
+    db_url: str, newer_code: Path, make_result: Callable[..., dict[str, Any]],
+    trial_rows: Callable[..., list[dict[str, Any]]],
+) -> None:
+    upgrade(db_url, "0001_initial")
+    engine = make_engine(db_url)
+    rows = trial_rows(2)
+    with session_scope(engine, write=True) as session:
+        register_sweep(session, "s1", {}, None, rows)
+        for row in rows:
+            record_result(session, "s1", row["trial_key"], make_result())
+
+    # Rebuilding `trials` drops the old table; with foreign keys on, that DROP would
+    # cascade into metrics and evidence.
+    upgrade(db_url)
+    assert current_revision(db_url) == "0002_test"
+    assert ensure_schema(db_url, create=False) is engine
+    assert "note" in {c["name"] for c in inspect(engine).get_columns("trials")}
+    with session_scope(engine) as session:
+        counts = [session.scalar(select(func.count()).select_from(m))
+                  for m in (Trial, Metric, Evidence)]
+    assert counts == [3, 3, 3]
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as conn:  # the pooled migration connection got its pragma back
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+    downgrade(db_url, "0001_initial")
+    assert _diff(engine, Base.metadata) == []
+    with session_scope(engine) as session:
+        assert session.scalar(select(func.count()).select_from(Metric)) == 3

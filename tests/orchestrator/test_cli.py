@@ -1,0 +1,63 @@
+"""CLI contracts that need no Ray: validate, methods, errors as one line with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli.main", *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=120,
+                          env=dict(os.environ, COLUMNS="200"))
+
+
+def test_validate_reports_three_mistakes_exit_2_no_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: demo\nmodels:\n  - id: builtin:tiny-llama\nmethods:\n"
+                   "  - name: drop_layer\n    rates: [0.5]\n  - name: head_mask\n"
+                   "    rates: [1.5]\ndatasets:\n  - name: builtin:pydoc\n    limt: 3\n")
+    out = cli("validate", str(bad))
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 3, out.stderr
+    assert "line 5: methods[0].name" in lines[0]
+    assert "line 8: methods[1].rates[0]" in lines[1]
+    assert "line 11: datasets[0].limt" in lines[2]
+    assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_validate_demo_ok():
+    out = cli("validate", "sweeps/demo.yaml")
+    assert out.returncode == 0, out.stderr
+    assert "7 trials" in out.stdout
+
+
+def test_launch_of_bad_spec_writes_nothing(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodels: [{id: builtin:tiny-llama}]\ndatasets: [{name: nope}]\n")
+    out = cli("--db", f"sqlite:///{tmp_path / 'r.db'}", "launch", str(bad))
+    assert out.returncode == 2 and "datasets[0].name" in out.stderr
+    assert not (tmp_path / "r.db").exists()
+
+
+def test_methods_json():
+    rows = json.loads(cli("methods", "--format", "json").stdout)
+    names = {r["name"] for r in rows}
+    assert {"drop_layers", "head_mask"} <= names
+    for row in rows:
+        assert set(row) >= {"name", "description", "params"}
+    drop = next(r for r in rows if r["name"] == "drop_layers")
+    assert drop["params"]["from"]["choices"] == ["top", "bottom"]
+
+
+def test_read_commands_on_missing_database(tmp_path):
+    out = cli("--db", f"sqlite:///{tmp_path / 'none.db'}", "status")
+    assert out.returncode == 2
+    assert "sweep launch" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "none.db").exists()

@@ -1,0 +1,120 @@
+"""Spec validation (every problem at once, with its YAML path) and grid expansion."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from orchestrator import spec
+from orchestrator.errors import SpecError
+
+GOOD = {
+    "name": "s",
+    "models": [{"id": "builtin:tiny-llama"}],
+    "methods": [{"name": "drop_layers", "rates": [0.25, 0.5]},
+                {"name": "head_mask", "rates": [0.5], "params": {"scope": "layer"}}],
+    "datasets": [{"name": "builtin:pydoc"}],
+}
+
+
+def loads(data) -> spec.SweepSpec:
+    return spec.loads(yaml.safe_dump(data, sort_keys=False))
+
+
+def problems(data) -> list[str]:
+    with pytest.raises(SpecError) as info:
+        loads(data) if not isinstance(data, str) else spec.loads(data)
+    assert info.value.exit_code == 2
+    return info.value.problems
+
+
+def test_good_spec_expands_model_major_with_baselines():
+    data = dict(GOOD, models=[{"id": "builtin:tiny-llama"},
+                              {"id": "builtin:tiny-llama", "dtype": "bfloat16"}])
+    trials = spec.expand(loads(data))
+    assert len(trials) == 2 * (1 + 3)
+    assert [t.method for t in trials[:4]] == ["none", "drop_layers", "drop_layers", "head_mask"]
+    assert trials[0].is_baseline and trials[0].rate is None
+    assert [t.position for t in trials] == list(range(8))
+    assert len({t.trial_key for t in trials}) == 8
+    assert spec.grid_size(loads(data)) == 8
+
+
+def test_trial_keys_are_stable_and_defaults_do_not_change_them():
+    a = spec.expand(loads(GOOD))
+    explicit = dict(GOOD, methods=[{"name": "drop_layers", "rates": [0.25, 0.5],
+                                    "params": {"from": "top"}}, GOOD["methods"][1]])
+    b = spec.expand(loads(explicit))
+    assert [t.trial_key for t in a] == [t.trial_key for t in b]
+    # A known key: the canonical JSON is part of the contract (stored keys must stay valid).
+    assert a[0].trial_key == spec.trial_key(
+        {"id": "builtin:tiny-llama", "source": None, "dtype": None, "trust_remote_code": False},
+        "none", {}, None, {"name": "builtin:pydoc", "split": None, "limit": None},
+        spec.EvaluationSettings().model_dump(mode="json"), 0)
+    changed = spec.expand(loads(dict(GOOD, seed=1)))
+    assert {t.trial_key for t in changed}.isdisjoint({t.trial_key for t in a})
+
+
+def test_three_mistakes_reported_at_once_with_paths():
+    data = {
+        "name": "s",
+        "models": [{"id": "builtin:tiny-llama"}],
+        "methods": [{"name": "drop_layer", "rates": [0.5]},
+                    {"name": "head_mask", "rates": [1.5]}],
+        "datasets": [{"name": "builtin:pydoc", "limt": 3}],
+    }
+    found = problems(data)
+    assert len(found) == 3
+    assert any("methods[0].name" in p and "did you mean 'drop_layers'" in p for p in found)
+    assert any("methods[1].rates[0]" in p and "outside (0, 1)" in p for p in found)
+    assert any("datasets[0].limt" in p and "did you mean 'limit'" in p for p in found)
+    assert all(p.startswith("line ") for p in found)
+
+
+@pytest.mark.parametrize("data,fragment", [
+    (dict(GOOD, methods=[{"name": "head_mask", "rates": [0.5], "params": {"scop": "x"}}]),
+     "methods[0].params.scop: unknown field (did you mean 'scope'?)"),
+    (dict(GOOD, evaluation={"metrics": ["perplexty"]}), "did you mean 'perplexity'"),
+    (dict(GOOD, evaluation={"max_length": 16, "stride": 16}), "evaluation.stride"),
+    (dict(GOOD, models=[]), "models"),
+    (dict(GOOD, datasets=[{"name": "builtin:pydoc"}, {"name": "builtin:pydoc"}]), "duplicate"),
+    (dict(GOOD, methods=[{"name": "drop_layers", "rates": [0.5, 0.5]}]), "duplicate rate"),
+    (dict(GOOD, score={"quality_metric": "perplexit"}), "did you mean 'perplexity'"),
+    (dict(GOOD, models=[{"id": "builtin:nope"}]), "unknown built-in model"),
+    (dict(GOOD, datasets=[{"name": "/no/such/file.txt"}]), "does not exist"),
+    (dict(GOOD, name="has space"), "name"),
+    (dict(GOOD, methods=[{"name": "drop_layers", "rates": [0]}]), "outside (0, 1)"),
+])
+def test_single_mistakes(data, fragment):
+    assert any(fragment in p for p in problems(data)), problems(data)
+
+
+def test_yaml_syntax_error_names_the_line():
+    [message] = problems("name: x\nmodels: [\n")
+    assert message.startswith("line ") and "invalid YAML" in message
+
+
+def test_not_a_mapping():
+    assert "mapping" in problems("- a\n- b\n")[0]
+
+
+def test_too_many_trials():
+    data = dict(GOOD, methods=[{"name": "drop_layers",
+                                "rates": [i / 20001 for i in range(1, 20001)]}])
+    assert "at most" in problems(data)[0]
+
+
+def test_spec_file_errors(tmp_path):
+    with pytest.raises(SpecError, match="not found"):
+        spec.load(tmp_path / "missing.yaml")
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(SpecError, match="UTF-8"):
+        spec.load(binary)
+
+
+def test_skip_sources_still_checks_structure():
+    data = dict(GOOD, datasets=[{"name": "/no/such/file.txt"}])
+    spec.loads(yaml.safe_dump(data), check_sources=False)
+    with pytest.raises(SpecError):
+        spec.loads(yaml.safe_dump(dict(data, seed="x")), check_sources=False)

@@ -1,0 +1,114 @@
+"""run_trial: evidence, the no-effect guard and the causality guard, on the real built-in model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from workers import trial
+from workers.methods import MethodOutcome, NoParams, register_method
+
+EVALUATION = {"metrics": ["perplexity"], "batch_size": 8, "max_length": 64, "stride": 32,
+              "probe_length": 24,
+              "speed": {"warmup": 1, "repeats": 2, "prompt_length": 16, "new_tokens": 4,
+                        "batch_size": 1}}
+
+
+def config(method: str, rate: float | None = None, params: dict | None = None,
+           metrics: list[str] | None = None) -> dict:
+    evaluation = dict(EVALUATION, metrics=metrics or ["perplexity"])
+    return {"trial_key": "k" * 64, "sweep": "t", "model": {"id": "builtin:tiny-llama"},
+            "method": {"name": method, "params": params or {}, "rate": rate},
+            "dataset": {"name": "builtin:pydoc", "split": "test", "limit": 40},
+            "evaluation": evaluation, "seed": 0, "is_baseline": method == "none"}
+
+
+@register_method("test_noop", config=NoParams, description="changes nothing (test)",
+                 rate_meaning="ignored")
+def _noop(model, rate, params, ctx):
+    return MethodOutcome(model=model, info={"claims": "compressed"})
+
+
+class _Flipped(torch.nn.Module):
+    """A variant that reads the sequence backwards: every position sees future tokens."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, **kwargs):
+        out = self.inner(input_ids=input_ids.flip(1), **kwargs)
+        out.logits = out.logits.flip(1)
+        return out
+
+
+@register_method("test_future_leak", config=NoParams, description="leaks future tokens (test)",
+                 rate_meaning="ignored")
+def _leak(model, rate, params, ctx):
+    return MethodOutcome(model=_Flipped(model), info={})
+
+
+@pytest.fixture(scope="module")
+def baseline_result(tiny_llama_dir):
+    return trial.run_trial(config("none", metrics=["perplexity", "speed"]))
+
+
+def test_baseline_result_and_evidence(baseline_result):
+    result = baseline_result
+    assert result["status"] == "done"
+    metrics = result["metrics"]
+    assert 1 < metrics["perplexity"]["value"] < 200
+    assert metrics["perplexity"]["direction"] == "lower"
+    assert metrics["decode_ms_per_token"]["value"] > 0
+    assert metrics["params"]["value"] == result["evidence"]["params_before"]
+    evidence = result["evidence"]
+    assert evidence["max_abs_dlogits"] == 0 and evidence["changed_fraction"] == 0
+    assert result["environment"]["hardware"]["cpu_count"] >= 1
+    assert "torch" in result["environment"]["packages"]
+
+
+def test_drop_layers_evidence_and_worse_perplexity(baseline_result):
+    result = trial.run_trial(config("drop_layers", 0.5, {"from": "top"}))
+    evidence = result["evidence"]
+    assert evidence["params_after"] < evidence["params_before"]
+    assert evidence["max_abs_dlogits"] > 0
+    layers = evidence["details"]["method"]
+    assert layers["layers_after"] == layers["layers_before"] - len(layers["dropped_layers"])
+    # The removed layers' weights count as changed, nothing else does.
+    per_layer = (evidence["params_before"] - evidence["params_after"]) / len(
+        layers["dropped_layers"])
+    assert evidence["changed_fraction"] == pytest.approx(
+        per_layer * len(layers["dropped_layers"]) / evidence["params_before"])
+    assert result["metrics"]["perplexity"]["value"] > baseline_result["metrics"]["perplexity"][
+        "value"] * 1.05
+
+
+def test_base_model_is_loaded_once_and_left_untouched(baseline_result):
+    loads = trial.cache.model_loads()
+    before = copy.deepcopy(trial.base_model(config("none"), "cpu").model.state_dict())
+    trial.run_trial(config("head_mask", 0.5, {"calibration_samples": 4}))
+    after = trial.base_model(config("none"), "cpu").model.state_dict()
+    assert trial.cache.model_loads() == loads
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_no_effect_is_a_failure_not_a_result(tiny_llama_dir):
+    with pytest.raises(trial.NoEffectError, match="compression had no effect"):
+        trial.run_trial(config("test_noop", 0.5))
+
+
+def test_future_token_leak_is_refused(tiny_llama_dir):
+    with pytest.raises(trial.InvalidEvaluationError, match="not causal"):
+        trial.run_trial(config("test_future_leak", 0.5))
+
+
+def test_failure_result_carries_type_message_traceback():
+    try:
+        raise ValueError("boom")
+    except ValueError as exc:
+        result = trial.failure_result(exc, 0.0)
+    assert result["status"] == "failed"
+    assert result["error"]["type"] == "ValueError" and result["error"]["message"] == "boom"
+    assert "raise ValueError" in result["error"]["traceback"]

@@ -1,0 +1,79 @@
+"""Datasets for evaluation and calibration.
+
+A dataset name in a spec is resolved by its form:
+
+- ``builtin:pydoc`` — the held-out split of the Python language reference text that
+  ships with every Python installation (the built-in model's training corpus is the
+  ``train`` split of the same text);
+- a path to a ``.txt`` file — plain text, one document per non-empty line.
+
+``load_documents`` returns plain strings; evaluators tokenize them.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+BUILTIN_DATASETS = {"pydoc": ("train", "validation", "test")}
+DEFAULT_SPLIT = "test"
+
+
+@dataclass(frozen=True)
+class DatasetCheck:
+    ok: bool
+    message: str = ""
+
+
+def check_dataset(name: str, split: str | None) -> DatasetCheck:
+    """Cheap driver-side check that a dataset can be read."""
+    if name.startswith("builtin:"):
+        short = name.removeprefix("builtin:")
+        if short not in BUILTIN_DATASETS:
+            return DatasetCheck(False, f"unknown built-in dataset {short!r}; built-ins: "
+                                       + ", ".join(f"builtin:{n}" for n in BUILTIN_DATASETS))
+        splits = BUILTIN_DATASETS[short]
+        if split is not None and split not in splits:
+            return DatasetCheck(False,
+                                f"{name} has no split {split!r}; splits: {', '.join(splits)}")
+        return DatasetCheck(True)
+    path = Path(name).expanduser()
+    if path.suffix == ".txt" or path.exists():
+        if not path.is_file():
+            return DatasetCheck(False, f"dataset file {name} does not exist")
+        try:
+            with path.open("rb") as handle:
+                handle.read(1)
+        except OSError as exc:
+            return DatasetCheck(False, f"dataset file {name} is not readable: {exc.strerror}")
+        return DatasetCheck(True)
+    return DatasetCheck(False,
+                        f"unknown dataset {name!r}: use builtin:pydoc or a path to a .txt file")
+
+
+def load_documents(name: str, split: str | None = None, limit: int | None = None,
+                   seed: int = 0) -> list[str]:
+    """The documents of a dataset split, in order; ``limit`` keeps the first ``limit``.
+
+    ``seed`` is accepted for subset sampling by loaders that shuffle; text order is
+    kept because perplexity over running text depends on it.
+    """
+    del seed  # text datasets keep their order
+    if name.startswith("builtin:"):
+        from workers.data.builtin import pydoc_documents
+
+        docs = pydoc_documents(split or DEFAULT_SPLIT)
+    else:
+        text = Path(name).expanduser().read_text(encoding="utf-8")
+        docs = [line for line in text.splitlines() if line.strip()]
+    if limit is not None:
+        docs = docs[:limit]
+    return docs
+
+
+def shuffled(items: list[str], seed: int) -> list[str]:
+    """A deterministic shuffle of ``items``."""
+    out = list(items)
+    random.Random(seed).shuffle(out)
+    return out

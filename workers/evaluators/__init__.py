@@ -1,0 +1,61 @@
+"""Evaluators, registered by name; each declares its metrics and their directions.
+
+An evaluator is a function ``evaluate(model, tokenizer, documents, settings) -> dict``
+returning ``{metric_name: value}``; ``settings`` is the spec's ``evaluation`` section as
+a plain dict. Modules import torch inside functions only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+Direction = Literal["higher", "lower"] | None
+
+
+@dataclass(frozen=True)
+class EvaluatorInfo:
+    """A registered evaluator and the metrics it produces."""
+
+    name: str
+    description: str
+    metrics: dict[str, Direction]
+    evaluate: Callable[..., dict[str, float]]
+
+
+_EVALUATORS: dict[str, EvaluatorInfo] = {}
+
+
+def register_evaluator(name: str, *, metrics: dict[str, Direction], description: str):
+    """Register ``evaluate`` under ``name``; ``metrics`` maps metric name → direction."""
+
+    def wrap(evaluate: Callable[..., dict[str, float]]) -> Callable[..., dict[str, float]]:
+        if name in _EVALUATORS:
+            raise ValueError(f"evaluator {name!r} registered twice")
+        _EVALUATORS[name] = EvaluatorInfo(name, description, dict(metrics), evaluate)
+        return evaluate
+
+    return wrap
+
+
+def evaluators() -> dict[str, EvaluatorInfo]:
+    """Every registered evaluator by name."""
+    for module in pkgutil.iter_modules(__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{module.name}")
+    return dict(_EVALUATORS)
+
+
+# Metrics every trial records from its evidence, whatever evaluators it runs.
+MODEL_METRICS: dict[str, Direction] = {"params": "lower", "size_mb": "lower"}
+
+
+def metric_directions() -> dict[str, Direction]:
+    """Direction of every metric any evaluator (or the trial itself) can produce."""
+    out: dict[str, Direction] = dict(MODEL_METRICS)
+    for info in evaluators().values():
+        out.update(info.metrics)
+    return out

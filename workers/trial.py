@@ -1,0 +1,329 @@
+"""The whole life of one trial, inside a Ray worker process.
+
+``run_trial(config) -> dict``: load the base model (once per process) → build the
+variant on a private copy → verify it (parameter counts, changed-weight fraction,
+max |Δlogits| vs the base on a fixed probe, causality) → evaluate → a plain result
+dict. A method that claims to change the model but leaves the probe logits identical
+fails the trial: "compression had no effect" is a failure, never a result.
+
+The config and the result are plain dicts (the driver owns the database; this module
+never imports ``orchestrator``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import socket
+import subprocess
+import time
+import traceback
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from workers import cache
+from workers.data import load_documents
+from workers.evaluators import MODEL_METRICS, evaluators
+from workers.methods import MethodContext, get_method
+from workers.models import LoadedModel, load_model
+
+
+class NoEffectError(RuntimeError):
+    """The method claimed to change the model but the variant's logits equal the base's."""
+
+
+class InvalidEvaluationError(RuntimeError):
+    """The variant cannot be evaluated as a causal language model (it sees future tokens)."""
+
+
+# --------------------------------------------------------------------------- environment
+
+
+@lru_cache(maxsize=1)
+def hardware() -> dict[str, Any]:
+    """What speed numbers depend on: CPU model, cores, threads, accelerator."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu, "cpu_count": os.cpu_count(), "machine": platform.machine(),
+        "system": platform.system(), "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda_version"] = torch.version.cuda
+    return info
+
+
+@lru_cache(maxsize=1)
+def packages() -> dict[str, str]:
+    """Versions of the packages results depend on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "ray", "numpy", "compress-sweep"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+@lru_cache(maxsize=1)
+def git_sha() -> str | None:
+    """The project's git commit, when running from a checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def environment() -> dict[str, Any]:
+    """Hardware, package versions and git sha, as stored with every result."""
+    return {"hardware": hardware(), "packages": packages(), "git_sha": git_sha()}
+
+
+# --------------------------------------------------------------------------- caches
+
+
+def _device(config: dict[str, Any]) -> str:
+    import torch
+
+    if config.get("use_gpu") and torch.cuda.is_available():
+        return "cuda:0"  # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU
+    return "cpu"
+
+
+def base_model(config: dict[str, Any], device: str) -> LoadedModel:
+    """The base model of this trial, read from disk once per process."""
+    entry = config["model"]
+    key = cache.stable_hash([entry, device])
+    return cache.cached_model(key, lambda: load_model(
+        entry["id"], dtype=entry.get("dtype"), device=device,
+        trust_remote_code=bool(entry.get("trust_remote_code"))))
+
+
+@lru_cache(maxsize=16)
+def _documents(name: str, split: str | None, limit: int | None, seed: int) -> tuple[str, ...]:
+    return tuple(load_documents(name, split, limit, seed))
+
+
+def documents(dataset: dict[str, Any], seed: int) -> list[str]:
+    """The dataset's documents (cached per process)."""
+    return list(_documents(dataset["name"], dataset.get("split"), dataset.get("limit"), seed))
+
+
+_probe_cache: dict[str, Any] = {}
+
+
+def probe_batch(loaded: LoadedModel, docs: list[str], length: int, device: str) -> Any:
+    """A fixed [1, length] batch: the first ``length`` tokens of the evaluation text."""
+    import torch
+
+    from workers.evaluators.perplexity import token_stream
+
+    ids = token_stream(loaded.tokenizer, docs[:64])
+    if len(ids) < length:
+        ids = token_stream(loaded.tokenizer, docs)
+    if len(ids) < 2:
+        raise ValueError("the dataset has too little text to build a probe batch")
+    return torch.tensor([ids[:length]], dtype=torch.long, device=device)
+
+
+def logits_of(model: Any, batch: Any) -> Any:
+    """float32 logits of ``model`` on ``batch``."""
+    import torch
+
+    with torch.inference_mode():
+        return model(input_ids=batch).logits.float()
+
+
+# --------------------------------------------------------------------------- evidence
+
+
+def parameter_count(model: Any) -> int:
+    """Number of parameters (shared tensors counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_bytes(model: Any) -> int:
+    """Bytes of parameters and buffers (shared tensors counted once)."""
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def changed_fraction(base: Any, variant: Any, renamed: dict[str, str]) -> float:
+    """Fraction of the base model's weights that the variant changed or removed."""
+    import torch
+
+    base_params = dict(base.named_parameters())
+    total = sum(p.numel() for p in base_params.values())
+    matched: set[str] = set()
+    changed = 0
+    for name, param in variant.named_parameters():
+        base_name = renamed.get(name, name)
+        original = base_params.get(base_name)
+        if original is None or original.shape != param.shape:
+            continue
+        matched.add(base_name)
+        with torch.no_grad():
+            changed += int((original.to(param.device, param.dtype) != param).sum())
+    removed = sum(p.numel() for n, p in base_params.items() if n not in matched)
+    return (changed + removed) / total if total else 0.0
+
+
+def causality_violation(model: Any, probe: Any) -> float:
+    """Max |Δlogits| at positions ≤ t when only the tokens after t change (0 for a causal model)."""
+    cut = probe.shape[1] // 2
+    before = logits_of(model, probe)
+    altered = probe.clone()
+    altered[:, cut + 1:] = (probe[:, cut + 1:] + 1) % before.shape[-1]
+    after = logits_of(model, altered)
+    return float((before[:, : cut + 1] - after[:, : cut + 1]).abs().max())
+
+
+# --------------------------------------------------------------------------- the trial
+
+
+def run_trial(config: dict[str, Any]) -> dict[str, Any]:
+    """Build, verify and evaluate one variant; returns the result dict (status "done")."""
+    import torch
+
+    started = time.perf_counter()
+    threads = max(1, int(config.get("cpus_per_trial") or 1))
+    torch.set_num_threads(threads)
+    torch.manual_seed(int(config.get("seed", 0)))
+    device = _device(config)
+    evaluation = config["evaluation"]
+
+    loaded = base_model(config, device)
+    docs = documents(config["dataset"], int(config.get("seed", 0)))
+    probe = probe_batch(loaded, docs, int(evaluation.get("probe_length", 32)), device)
+    probe_key = cache.stable_hash([config["model"], device, probe.tolist()])
+    if probe_key not in _probe_cache:
+        _probe_cache[probe_key] = logits_of(loaded.model, probe)
+    base_logits = _probe_cache[probe_key]
+
+    method_cfg = config["method"]
+    method = get_method(method_cfg["name"])
+    params = method.config.model_validate(method_cfg.get("params") or {})
+    params_before = parameter_count(loaded.model)
+    bytes_before = model_bytes(loaded.model)
+    method_started = time.perf_counter()
+    if method.changes_model:
+        context = MethodContext(
+            tokenizer=loaded.tokenizer, family=loaded.family, seed=int(config.get("seed", 0)),
+            device=device,
+            calibration_documents=lambda name, split, seed: list(_documents(name, split, None,
+                                                                            seed)))
+        # The cached base must stay pristine for the next trial in this process.
+        outcome = method.apply(copy.deepcopy(loaded.model), method_cfg.get("rate"), params,
+                               context)
+    else:
+        outcome = method.apply(loaded.model, method_cfg.get("rate"), params, None)
+    variant = outcome.model
+    variant.eval()
+    method_seconds = time.perf_counter() - method_started
+
+    variant_logits = logits_of(variant, probe)
+    if variant_logits.shape == base_logits.shape:
+        max_dlogits = float((variant_logits - base_logits).abs().max())
+        identical = bool(torch.equal(variant_logits, base_logits))
+    else:
+        max_dlogits, identical = float("inf"), False
+    evidence = {
+        "params_before": params_before,
+        "params_after": parameter_count(variant),
+        "changed_fraction": (changed_fraction(loaded.model, variant, outcome.renamed)
+                             if method.changes_model else 0.0),
+        "max_abs_dlogits": max_dlogits,
+        "details": {
+            "method": outcome.info,
+            "bytes_before": bytes_before,
+            "bytes_after": model_bytes(variant),
+            "probe_tokens": int(probe.shape[1]),
+            "method_seconds": method_seconds,
+            "device": device,
+            "model_loads_in_process": cache.model_loads(),
+            "pid": os.getpid(),
+        },
+    }
+    if method.changes_model and identical:
+        raise NoEffectError(
+            f"compression had no effect: {method.name} at rate {method_cfg.get('rate')} left the "
+            f"probe logits identical to the base model (changed weight fraction "
+            f"{evidence['changed_fraction']:.3g})")
+    violation = causality_violation(variant, probe)
+    evidence["details"]["causality_max_abs_dlogits"] = violation
+    if violation > 1e-4 * max(1.0, float(base_logits.abs().max())):
+        raise InvalidEvaluationError(
+            f"the variant is not causal: changing tokens after position t changed the logits at "
+            f"positions <= t by up to {violation:.3g}; its language-model metrics would be invalid")
+
+    directions = {}
+    metrics: dict[str, dict[str, Any]] = {}
+    registry = evaluators()
+    for name in evaluation["metrics"]:
+        info = registry[name]
+        values = info.evaluate(variant, loaded.tokenizer, docs, evaluation, device=device)
+        for metric, value in values.items():
+            metrics[metric] = {"value": value, "direction": info.metrics.get(metric)}
+            directions[metric] = info.metrics.get(metric)
+    metrics["params"] = {"value": float(evidence["params_after"]),
+                         "direction": MODEL_METRICS["params"]}
+    metrics["size_mb"] = {"value": evidence["details"]["bytes_after"] / 2**20,
+                          "direction": MODEL_METRICS["size_mb"]}
+    return {
+        "status": "done",
+        "metrics": metrics,
+        "evidence": evidence,
+        "environment": environment(),
+        "host": socket.gethostname(),
+        "duration_s": time.perf_counter() - started,
+    }
+
+
+def failure_result(exc: BaseException, started: float) -> dict[str, Any]:
+    """The result dict of a trial that raised."""
+    try:
+        env = environment()
+    except Exception:  # noqa: BLE001 - the original error is what matters
+        env = None
+    return {
+        "status": "failed",
+        "error": {"type": type(exc).__name__, "message": str(exc) or type(exc).__name__,
+                  "traceback": traceback.format_exc()},
+        "environment": env,
+        "host": socket.gethostname(),
+        "duration_s": time.perf_counter() - started,
+    }
+
+
+def tune_trainable(config: dict[str, Any]) -> None:
+    """Ray Tune function trainable: run the trial and report its result as one JSON payload.
+
+    Errors are caught here and reported as a failed result with type, message and
+    traceback, so the driver records them and the sweep goes on.
+    """
+    from ray import tune
+
+    started = time.perf_counter()
+    try:
+        result = run_trial(config["trial"])
+    except Exception as exc:  # noqa: BLE001 - every trial error becomes a recorded failure
+        result = failure_result(exc, started)
+    tune.report({"payload": json.dumps(result), "trial_status": result["status"]})
