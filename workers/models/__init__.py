@@ -127,17 +127,15 @@ class ModelSourceCheck:
     message: str = ""
 
 
-BUILTIN_MODELS = ("tiny-llama",)
-
-
 def check_model_id(model_id: str) -> ModelSourceCheck:
     """Cheap driver-side check that ``model_id`` can be loaded (no torch import)."""
     if model_id.startswith("builtin:"):
+        from workers.models.builtin import BUILTIN_MODEL_NAMES
+
         name = model_id.removeprefix("builtin:")
-        if name not in BUILTIN_MODELS:
-            return ModelSourceCheck(
-                False, f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTIN_MODELS)}"
-            )
+        if name not in BUILTIN_MODEL_NAMES:
+            return ModelSourceCheck(False, f"unknown built-in model {name!r}; built-ins: "
+                                           + ", ".join(BUILTIN_MODEL_NAMES))
         return ModelSourceCheck(True)
     if model_id.startswith("llama2c:"):
         from workers.models.llama2c import find_llama2c_files

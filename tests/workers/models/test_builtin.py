@@ -240,10 +240,9 @@ def test_training_is_deterministic(tmp_path: Path) -> None:
 _CONCURRENT_CALLER = """
 import json, sys, time
 from pathlib import Path
-import torch, transformers  # imported before the barrier so both callers start together
 from workers.models.builtin import TinyLlamaRecipe, ensure_builtin_model
 recipe = TinyLlamaRecipe(**json.loads(sys.argv[1]))
-print("ready", flush=True)
+print("ready", flush=True)  # both callers start from here at the same moment
 while not Path(sys.argv[2]).exists():
     time.sleep(0.005)
 print(ensure_builtin_model("tiny-llama", recipe=recipe), flush=True)
