@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -28,8 +29,24 @@ def cell(value: Any) -> str:
     if isinstance(value, float):
         if math.isnan(value) or math.isinf(value):
             return str(value)
+        if value.is_integer() and abs(value) >= 1e4:
+            return f"{int(value):,}"  # counts such as parameters read better whole
         return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}" if abs(value) >= 1e4 else str(value)
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
     return str(value)
+
+
+def make_console(stderr: bool = False) -> Any:
+    """A rich console; when not writing to a terminal, wide enough not to fold table cells."""
+    from rich.console import Console
+
+    console = Console(stderr=stderr)
+    if not console.is_terminal:
+        console = Console(stderr=stderr, width=240)
+    return console
 
 
 def render(rows: list[dict[str, Any]], columns: list[str], fmt: Format, *,
@@ -55,13 +72,19 @@ def render(rows: list[dict[str, Any]], columns: list[str], fmt: Format, *,
             lines.append("| " + " | ".join(cell(row.get(c)).replace("|", "\\|")
                                             for c in columns) + " |")
         return "\n".join(lines)
-    from rich.console import Console
     from rich.table import Table
 
+    console = make_console()
+    # A column with one value in every row says nothing per row: move it to the title.
+    constant = [c for c in columns if len(rows) > 1 and c in ("sweep", "model", "dataset")
+                and len({cell(r.get(c)) for r in rows}) == 1]
+    if constant and title:
+        title += " — " + ", ".join(f"{c} {cell(rows[0].get(c))}" for c in constant)
     table = Table(title=title)
-    for column in columns:
+    shown = [c for c in columns if c not in constant]
+    for column in shown:
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*(cell(row.get(c)) for c in columns))
-    Console().print(table)
+        table.add_row(*(cell(row.get(c)) for c in shown))
+    console.print(table)
     return None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from orchestrator.cli.render import Format, render
+from orchestrator.cli.render import Format, make_console, render
 
 
 def register(app: typer.Typer) -> None:
@@ -52,14 +52,12 @@ def launch(
     fmt: Format = typer.Option(Format.table, "--format", help="Format of the final leaderboard."),
 ) -> None:
     """Run a sweep: every trial not already done in the database runs on Ray Tune."""
-    from rich.console import Console
-
     from orchestrator import launch as service
     from orchestrator import spec as spec_module
 
     db_url = ctx.obj["db"]
     spec = spec_module.load(spec_path)
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     if dry_run:
         planned = service.plan(spec, str(spec_path), db_url, dry_run=True)
         text = render(_trial_rows(planned.trials), ["#", "model", "method", "rate", "dataset",
