@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -25,10 +27,15 @@ def test_workers_never_import_orchestrator():
     assert offenders == []
 
 
-def test_cli_start_imports_no_heavy_library():
-    code = ("import sys\nfrom orchestrator.cli import main\n"
-            "heavy = [m for m in ('torch', 'transformers', 'ray', 'sqlalchemy') "
-            "if m in sys.modules]\nprint(','.join(heavy))")
+@pytest.mark.parametrize("statement,heavy", [
+    ("import orchestrator.cli.main", ("torch", "transformers", "ray", "sqlalchemy")),
+    # Registries are read on the driver to validate specs: they must stay light.
+    ("import workers.methods as m; m.methods()", ("torch", "transformers", "tokenizers")),
+    ("import workers.evaluators as e; e.evaluators()", ("torch", "transformers", "tokenizers")),
+    ("import workers.models.builtin", ("torch", "transformers", "tokenizers")),
+])
+def test_light_modules_import_no_heavy_library(statement, heavy):
+    code = f"import sys\n{statement}\nprint(','.join(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, check=True)
     assert out.stdout.strip() == ""

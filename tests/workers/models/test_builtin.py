@@ -199,15 +199,6 @@ def test_unknown_builtin_is_refused_with_the_list_of_builtins() -> None:
         ensure_builtin_model("huge-llama")
 
 
-def test_importing_the_module_imports_no_heavy_library() -> None:
-    code = ("import sys\nimport workers.models.builtin\n"
-            "print(','.join(m for m in ('torch', 'transformers', 'tokenizers') "
-            "if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=ROOT, check=True)
-    assert out.stdout.strip() == ""
-
-
 # --- cache mechanics, with a tiny recipe -----------------------------------------
 
 
