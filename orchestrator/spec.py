@@ -378,7 +378,11 @@ def _source_problems(data: dict[str, Any]) -> list[tuple[tuple, str]]:
     out = []
     for i, entry in enumerate(data.get("models") or []):
         if isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"]:
-            check = check_model_id(entry["id"])
+            source = entry.get("source") if isinstance(entry.get("source"), str) else None
+            try:
+                check = check_model_id(entry["id"], source)
+            except ValueError:
+                continue  # an unknown source is already reported by the structural pass
             if not check.ok:
                 out.append((("models", i, "id"), check.message))
     for i, entry in enumerate(data.get("datasets") or []):

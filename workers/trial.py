@@ -114,7 +114,7 @@ def base_model(config: dict[str, Any], device: str) -> LoadedModel:
     key = cache.stable_hash([entry, device])
     return cache.cached_model(key, lambda: load_model(
         entry["id"], dtype=entry.get("dtype"), device=device,
-        trust_remote_code=bool(entry.get("trust_remote_code"))))
+        trust_remote_code=bool(entry.get("trust_remote_code")), source=entry.get("source")))
 
 
 @lru_cache(maxsize=16)

@@ -118,3 +118,21 @@ def test_skip_sources_still_checks_structure():
     spec.loads(yaml.safe_dump(data), check_sources=False)
     with pytest.raises(SpecError):
         spec.loads(yaml.safe_dump(dict(data, seed="x")), check_sources=False)
+
+
+def test_model_source_is_explicit(tmp_path):
+    as_local = dict(GOOD, models=[{"id": str(tmp_path / "missing"), "source": "local"}])
+    assert any("no config.json" in p for p in problems(as_local))
+    as_builtin = dict(GOOD, models=[{"id": "tiny-llama", "source": "builtin"}])
+    loads(as_builtin)  # the prefix is implied by the source
+    unknown = dict(GOOD, models=[{"id": "x", "source": "ftp"}])
+    assert any("models[0].source" in p for p in problems(unknown))
+
+
+def test_qualified_ids():
+    from workers.models import qualified_id
+
+    assert qualified_id("tiny-llama", "builtin") == "builtin:tiny-llama"
+    assert qualified_id("builtin:tiny-llama", "builtin") == "builtin:tiny-llama"
+    assert qualified_id("org/model", "hub") == "hub:org/model"
+    assert qualified_id("org/model", None) == "org/model"

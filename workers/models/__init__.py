@@ -7,6 +7,8 @@ A model id in a spec is resolved by its *source*:
 - a local directory — a transformers checkpoint (``config.json`` + weights),
 - anything else     — a hub id, loaded by transformers.
 
+A spec's ``source`` (builtin, llama2c, local, hub) makes the choice explicit.
+
 A *family* adapter (``@register_model_family("llama")``) tells methods and
 evaluators where the decoder layers, attention modules and heads are.
 """
@@ -127,8 +129,32 @@ class ModelSourceCheck:
     message: str = ""
 
 
-def check_model_id(model_id: str) -> ModelSourceCheck:
+SOURCES = ("builtin", "llama2c", "local", "hub")
+
+
+def qualified_id(model_id: str, source: str | None) -> str:
+    """``model_id`` with its source made explicit when the spec names one.
+
+    ``source: builtin`` / ``llama2c`` add the prefix when it is missing; ``local`` and
+    ``hub`` become ``local:`` / ``hub:`` so a hub id is never mistaken for a path that
+    happens to exist, nor a missing local directory for a hub id.
+    """
+    if source is None:
+        return model_id
+    if source not in SOURCES:
+        raise ValueError(f"unknown model source {source!r}; sources: {', '.join(SOURCES)}")
+    prefix = f"{source}:"
+    return model_id if model_id.startswith(prefix) else prefix + model_id
+
+
+def check_model_id(model_id: str, source: str | None = None) -> ModelSourceCheck:
     """Cheap driver-side check that ``model_id`` can be loaded (no torch import)."""
+    model_id = qualified_id(model_id, source)
+    if model_id.startswith("hub:"):
+        return ModelSourceCheck(True)  # availability is checked when it loads
+    forced_local = model_id.startswith("local:")
+    if forced_local:
+        model_id = model_id.removeprefix("local:")
     if model_id.startswith("builtin:"):
         from workers.models.builtin import BUILTIN_MODEL_NAMES
 
@@ -146,7 +172,7 @@ def check_model_id(model_id: str) -> ModelSourceCheck:
             return ModelSourceCheck(False, str(exc))
         return ModelSourceCheck(True)
     path = Path(model_id).expanduser()
-    if path.exists() or model_id.startswith((".", "/", "~")):
+    if forced_local or path.exists() or model_id.startswith((".", "/", "~")):
         if not (path / "config.json").is_file():
             return ModelSourceCheck(
                 False, f"{model_id} is not a transformers checkpoint directory (no config.json)"
@@ -156,8 +182,11 @@ def check_model_id(model_id: str) -> ModelSourceCheck:
 
 
 def load_model(model_id: str, dtype: str | None = None, device: str = "cpu",
-               trust_remote_code: bool = False) -> LoadedModel:
+               trust_remote_code: bool = False, source: str | None = None) -> LoadedModel:
     """Load ``model_id`` (see module docstring) onto ``device``, in eval mode."""
+    model_id = qualified_id(model_id, source)
+    if model_id.startswith(("hub:", "local:")):
+        return _load_hf(model_id.split(":", 1)[1], dtype, device, trust_remote_code)
     if model_id.startswith("builtin:"):
         from workers.models.builtin import ensure_builtin_model
 
