@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import spec as spec_module
-from orchestrator.db.engine import ensure_schema, redact_url, session_scope
+from orchestrator.db.engine import ensure_schema, session_scope
 from orchestrator.db.store import mark_running, record_result, register_sweep, reset_stale_running
 from orchestrator.errors import SweepError
 
@@ -247,8 +247,3 @@ def run(plan_: LaunchPlan, db_url: str, *, max_concurrent: int | None = None,
             ray.shutdown()
     outcome.seconds = time.perf_counter() - started
     return outcome
-
-
-def describe_db(db_url: str) -> str:
-    """The database URL as it may be shown (password hidden)."""
-    return redact_url(db_url)

@@ -1,7 +1,7 @@
-"""Caches: a per-process cache of loaded base models and an on-disk cache directory.
+"""Caches: a per-process cache of loaded base models and the on-disk cache directory.
 
-A worker process reads each base model from disk once; the on-disk cache holds the
-trained built-in model, baseline metrics and calibration statistics.
+A worker process reads each base model from disk once; the on-disk cache directory
+holds the trained built-in model and Ray Tune's experiment directories.
 """
 
 from __future__ import annotations
@@ -50,29 +50,3 @@ def cached_model(key: str, load: Callable[[], Any]) -> Any:
 def model_loads() -> int:
     """How many models this process has read from disk (for evidence and benchmarks)."""
     return _model_loads
-
-
-def clear_models() -> None:
-    """Forget every cached model (tests)."""
-    global _model_loads
-    with _lock:
-        _models.clear()
-        _model_loads = 0
-
-
-def read_json(namespace: str, key: str) -> Any | None:
-    """Read a JSON entry of the on-disk cache, or None when absent or unreadable."""
-    path = cache_dir() / namespace / f"{key}.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_json(namespace: str, key: str, value: Any) -> None:
-    """Write a JSON entry atomically (rename), so concurrent workers never read half a file."""
-    folder = cache_dir() / namespace
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{key}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(value, sort_keys=True))
-    os.replace(tmp, folder / f"{key}.json")

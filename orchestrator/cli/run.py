@@ -54,6 +54,7 @@ def launch(
     """Run a sweep: every trial not already done in the database runs on Ray Tune."""
     from orchestrator import launch as service
     from orchestrator import spec as spec_module
+    from orchestrator.db.engine import redact_url
 
     db_url = ctx.obj["db"]
     spec = spec_module.load(spec_path)
@@ -70,7 +71,7 @@ def launch(
     skipped = len(planned.trials) - len(planned.to_run)
     console.print(f"sweep [bold]{spec.name}[/]: {len(planned.trials)} trials, "
                   f"{skipped} already recorded, {len(planned.to_run)} to run "
-                  f"(results: {service.describe_db(db_url)})")
+                  f"(results: {redact_url(db_url)})")
     if not planned.to_run:
         failed = sum(1 for s in planned.statuses.values() if s == "failed")
         note = f" ({failed} failed: rerun them with --retry-failed)" if failed else ""

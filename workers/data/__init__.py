@@ -12,7 +12,6 @@ A dataset name in a spec is resolved by its form:
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,10 +69,3 @@ def load_documents(name: str, split: str | None = None, limit: int | None = None
     if limit is not None:
         docs = docs[:limit]
     return docs
-
-
-def shuffled(items: list[str], seed: int) -> list[str]:
-    """A deterministic shuffle of ``items``."""
-    out = list(items)
-    random.Random(seed).shuffle(out)
-    return out
