@@ -188,3 +188,22 @@ def test_aidreams_sweep_on_wikitext(shared_data, ray_session, tmp_path):
         if not row["is_baseline"]:
             change = row["metrics"]["perplexity"] / base["metrics"]["perplexity"]
             assert abs(change - 1) > 0.01
+
+
+def test_cli_launch_starts_its_own_local_ray(tmp_path, session_dir, tiny_llama_dir):
+    """The user's path: `sweep launch` starts a loopback Ray with its dashboard, shows the
+    progress, records the trials and prints the leaderboard; a second launch runs nothing."""
+    data = dict(SMALL, name="cli", methods=[{"name": "drop_layers", "rates": [0.5]}],
+                evaluation=dict(SMALL["evaluation"], metrics=["perplexity"]))
+    path = write_spec(tmp_path, data)
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    ray_tmp = session_dir / "cli-ray"  # short: Ray's unix sockets live under it
+    ray_tmp.mkdir(exist_ok=True)
+    env = {"RAY_ADDRESS": "", "RAY_TMPDIR": str(ray_tmp)}
+    first = cli("--db", url, "launch", str(path), env_extra=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "Ray dashboard: http://127.0.0.1:" in first.stderr
+    assert "ran 2 trials" in first.stderr and "2 done, 0 failed" in first.stderr
+    assert "drop_layers" in first.stdout and "baseline" in first.stdout
+    second = cli("--db", url, "launch", str(path), env_extra=env)
+    assert second.returncode == 0 and "nothing to run" in second.stderr
