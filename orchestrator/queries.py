@@ -291,3 +291,104 @@ def _sorted(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
     # sort() is stable (also reversed), so ties and missing rows keep the sweep/grid order.
     keyed.sort(key=lambda pair: pair[0], reverse=higher)
     return [r for _, r in keyed] + missing
+
+
+MIN_KEY_PREFIX = 4
+MAX_CANDIDATES = 5
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()
+
+
+def trial_detail(session: Session, key_prefix: str, sweep: str | None = None) -> dict[str, Any]:
+    """Everything stored about the one trial whose key starts with ``key_prefix``.
+
+    Keys: ``sweep``, ``trial_key``, ``model``, ``method``, ``params``, ``rate``, ``dataset``,
+    ``is_baseline``, ``status``, ``attempts``, ``host``, ``created_at``, ``started_at``,
+    ``finished_at`` (ISO strings or None), ``duration_s``, ``config``, ``metrics`` (a list
+    of ``{name, value, direction, note}``), ``evidence`` (None or ``{params_before,
+    params_after, changed_fraction, max_abs_dlogits, details}``), ``environment`` (None or
+    ``{hardware, packages, git_sha, fingerprint}``) and ``error`` (None or ``{type,
+    message, traceback}``). The result is JSON-serialisable as it is.
+
+    Raises :class:`BadInput` for a prefix shorter than ``MIN_KEY_PREFIX`` characters, one
+    matching no trial, or one matching several (naming up to ``MAX_CANDIDATES`` of them).
+    """
+    prefix = key_prefix.strip()
+    if len(prefix) < MIN_KEY_PREFIX:
+        raise BadInput(
+            f"trial key prefix {key_prefix!r} is too short; give at least {MIN_KEY_PREFIX} "
+            "characters"
+        )
+    # substr rather than LIKE: LIKE is case-insensitive on SQLite only and treats _ and %
+    # as wildcards, so the two backends would disagree on what matches.
+    query = (
+        select(Trial)
+        .join(Sweep, Trial.sweep_id == Sweep.id)
+        .where(func.substr(Trial.trial_key, 1, len(prefix)) == prefix)
+        .order_by(Sweep.name, Trial.position, Trial.trial_key)
+        .limit(MAX_CANDIDATES + 1)
+    )
+    if sweep is not None:
+        sweep_id = _sweeps(session, sweep)[0].id
+        query = query.where(Trial.sweep_id == sweep_id)
+    found = list(session.scalars(query))
+    where = f" in sweep {sweep!r}" if sweep is not None else ""
+    if not found:
+        raise BadInput(f"no trial with key prefix {prefix!r}{where}")
+    if len(found) > 1:
+        shown = ", ".join(
+            f"{t.trial_key[:12]} ({t.method}"
+            + ("" if t.rate is None else f" rate {t.rate:g}") + ")"
+            for t in found[:MAX_CANDIDATES]
+        )
+        more = ", …" if len(found) > MAX_CANDIDATES else ""
+        raise BadInput(
+            f"key prefix {prefix!r} matches several trials{where}: {shown}{more}; "
+            "give a longer prefix"
+        )
+    trial = found[0]
+    evidence = trial.evidence
+    environment = trial.environment
+    failed = trial.error_type is not None or trial.error_message is not None
+    return {
+        "sweep": trial.sweep.name,
+        "trial_key": trial.trial_key,
+        "model": trial.model,
+        "method": trial.method,
+        "params": trial.params,
+        "rate": trial.rate,
+        "dataset": trial.dataset,
+        "is_baseline": trial.is_baseline,
+        "status": trial.status,
+        "attempts": trial.attempts,
+        "host": trial.host,
+        "created_at": _iso(trial.created_at),
+        "started_at": _iso(trial.started_at),
+        "finished_at": _iso(trial.finished_at),
+        "duration_s": trial.duration_s,
+        "config": trial.config,
+        "metrics": [
+            {"name": m.name, "value": m.value, "direction": m.direction, "note": m.note}
+            for m in trial.metrics
+        ],
+        "evidence": None if evidence is None else {
+            "params_before": evidence.params_before,
+            "params_after": evidence.params_after,
+            "changed_fraction": evidence.changed_fraction,
+            "max_abs_dlogits": evidence.max_abs_dlogits,
+            "details": evidence.details,
+        },
+        "environment": None if environment is None else {
+            "hardware": environment.hardware,
+            "packages": environment.packages,
+            "git_sha": environment.git_sha,
+            "fingerprint": environment.fingerprint,
+        },
+        "error": {
+            "type": trial.error_type,
+            "message": trial.error_message,
+            "traceback": trial.error_traceback,
+        } if failed or trial.error_traceback else None,
+    }

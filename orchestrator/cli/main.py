@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from orchestrator.cli import catalog, results, run
+from orchestrator.cli import catalog, db, results, run, show
 
 app = typer.Typer(
     name="sweep", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -33,12 +33,35 @@ def root(
 run.register(app)
 results.register(app)
 catalog.register(app)
+db.register(app)
+show.register(app)
+
+
+def _exception_classes(name: str) -> tuple[type[BaseException], ...]:
+    """Every class called ``name`` among click's, Typer's and Typer's bundled click's.
+
+    Typer ≥ 0.29 raises exceptions of a click copy it bundles (and its own Exit/Abort);
+    without catching those, a usage error (missing argument) would surface as a generic
+    failure with exit code 1.
+    """
+    import importlib
+
+    found: list[type[BaseException]] = []
+    for module in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and cls not in found:
+            found.append(cls)
+    return tuple(found)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; domain errors become one line on stderr with exit code 2 (input) or 1."""
-    import click
-
+    abort = _exception_classes("Abort")
+    click_error = _exception_classes("ClickException")
+    click_exit = _exception_classes("Exit")
     from orchestrator.errors import SweepError
 
     args = list(sys.argv[1:] if argv is None else argv)
@@ -52,13 +75,13 @@ def main(argv: list[str] | None = None) -> None:
         for line in str(exc).splitlines() or [type(exc).__name__]:
             print(f"error: {line}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except abort:
         print("aborted", file=sys.stderr)
         sys.exit(130)
-    except click.exceptions.ClickException as exc:
+    except click_error as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
+    except click_exit as exc:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

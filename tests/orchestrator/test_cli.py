@@ -61,3 +61,9 @@ def test_read_commands_on_missing_database(tmp_path):
     assert out.returncode == 2
     assert "sweep launch" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "none.db").exists()
+
+
+def test_usage_error_is_exit_2_without_traceback():
+    out = cli("validate")
+    assert out.returncode == 2
+    assert "SPEC" in out.stderr and "Traceback" not in out.stderr
