@@ -110,3 +110,17 @@ def shared_data() -> Path:
 def db_url(tmp_path: Path) -> str:
     """A fresh SQLite results database URL."""
     return f"sqlite:///{tmp_path / 'results.db'}"
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url():
+    """Admin URL of a PostgreSQL server for this test session (given or started here)."""
+    from postgres_server import PG_BIN, POSTGRES_ADMIN_URL, running_postgres
+
+    if POSTGRES_ADMIN_URL:
+        yield POSTGRES_ADMIN_URL
+        return
+    if not (PG_BIN / "initdb").exists():
+        pytest.skip(f"no PostgreSQL 15: {PG_BIN / 'initdb'} absent")
+    with running_postgres() as url:
+        yield url

@@ -77,6 +77,14 @@ def _migrate(db_url: str, action: Callable[[], T]) -> tuple[str | None, str | No
         return before, _revision(db_url)
 
 
+def _report(db_url: str, before: str | None, after: str | None) -> None:
+    from orchestrator.db.engine import redact_url
+
+    print(f"database: {redact_url(db_url)}")
+    print(f"revision: {_label(before)} -> {_label(after)}"
+          + (" (unchanged)" if before == after else ""))
+
+
 @db_app.command()
 def upgrade(
     ctx: typer.Context,
@@ -86,10 +94,7 @@ def upgrade(
     from orchestrator.db import engine
 
     db_url: str = ctx.obj["db"]
-    before, after = _migrate(db_url, lambda: engine.upgrade(db_url, revision))
-    print(f"database: {engine.redact_url(db_url)}")
-    print(f"revision: {_label(before)} -> {_label(after)}"
-          + (" (unchanged)" if before == after else ""))
+    _report(db_url, *_migrate(db_url, lambda: engine.upgrade(db_url, revision)))
 
 
 @db_app.command()
@@ -118,7 +123,4 @@ def downgrade(
     from orchestrator.db import engine
 
     db_url: str = ctx.obj["db"]
-    before, after = _migrate(db_url, lambda: engine.downgrade(db_url, revision))
-    print(f"database: {engine.redact_url(db_url)}")
-    print(f"revision: {_label(before)} -> {_label(after)}"
-          + (" (unchanged)" if before == after else ""))
+    _report(db_url, *_migrate(db_url, lambda: engine.downgrade(db_url, revision)))

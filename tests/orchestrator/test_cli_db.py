@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 from sqlalchemy import create_engine, make_url
@@ -18,38 +16,12 @@ ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "s3cret"
 
 
-def _db_conftest() -> ModuleType:
-    # The PostgreSQL server fixture lives with the DB tests; conftest modules are not
-    # importable by name (several share it), so load that one under a name of its own.
-    path = Path(__file__).parent / "db" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("_sweep_db_conftest", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_pg = _db_conftest()
-
-
 def cli(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "orchestrator.cli.main", "--db", db_url, *args],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
         env=dict(os.environ, COLUMNS="200"),
     )
-
-
-@pytest.fixture(scope="module")
-def postgres_admin_url() -> Iterator[str]:
-    """Admin URL of ``$SWEEP_TEST_POSTGRES_URL`` or of a server started for this module."""
-    if _pg.POSTGRES_ADMIN_URL:
-        yield _pg.POSTGRES_ADMIN_URL
-        return
-    if not (_pg.PG_BIN / "initdb").exists():
-        pytest.skip(f"no PostgreSQL 15: {_pg.PG_BIN / 'initdb'} absent")
-    with _pg.running_postgres() as url:
-        yield url
 
 
 @pytest.fixture
