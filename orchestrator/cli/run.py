@@ -59,6 +59,10 @@ def launch(
     db_url = ctx.obj["db"]
     spec = spec_module.load(spec_path)
     console = make_console(stderr=True)
+    for model in spec.models:
+        if model.trust_remote_code:
+            console.print(f"[yellow]warning[/]: {model.id} has trust_remote_code: true — code "
+                          "from the model's repository will run in every trial process")
     if dry_run:
         planned = service.plan(spec, str(spec_path), db_url, dry_run=True)
         text = render(_trial_rows(planned.trials), ["#", "model", "method", "rate", "dataset",

@@ -67,3 +67,16 @@ def test_usage_error_is_exit_2_without_traceback():
     out = cli("validate")
     assert out.returncode == 2
     assert "SPEC" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_trust_remote_code_is_opt_in_and_warned(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: x\nmodels: [{id: builtin:tiny-llama, trust_remote_code: true}]\n"
+                    "datasets: [{name: builtin:pydoc}]\n")
+    out = cli("--db", f"sqlite:///{tmp_path / 'r.db'}", "launch", str(spec), "--dry-run")
+    assert out.returncode == 0, out.stderr
+    assert "trust_remote_code: true" in out.stderr and "warning" in out.stderr
+    spec.write_text("name: x\nmodels: [{id: builtin:tiny-llama}]\n"
+                    "datasets: [{name: builtin:pydoc}]\n")
+    quiet = cli("--db", f"sqlite:///{tmp_path / 'r.db'}", "launch", str(spec), "--dry-run")
+    assert "warning" not in quiet.stderr
