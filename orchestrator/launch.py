@@ -53,7 +53,6 @@ def local_ray_environment() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Tune's own console table would fight with our progress bar.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
 
 
 def plan(spec: spec_module.SweepSpec, spec_path: str | None, db_url: str,

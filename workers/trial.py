@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from workers import cache
-from workers.data import load_documents
+from workers.data import load_documents, token_stream
 from workers.evaluators import MODEL_METRICS, evaluators
 from workers.methods import MethodContext, get_method
 from workers.models import LoadedModel, load_model
@@ -134,11 +134,7 @@ def probe_batch(loaded: LoadedModel, docs: list[str], length: int, device: str) 
     """A fixed [1, length] batch: the first ``length`` tokens of the evaluation text."""
     import torch
 
-    from workers.evaluators.perplexity import token_stream
-
-    ids = token_stream(loaded.tokenizer, docs[:64])
-    if len(ids) < length:
-        ids = token_stream(loaded.tokenizer, docs)
+    ids = token_stream(loaded.tokenizer, docs, max_tokens=length)
     if len(ids) < 2:
         raise ValueError("the dataset has too little text to build a probe batch")
     return torch.tensor([ids[:length]], dtype=torch.long, device=device)

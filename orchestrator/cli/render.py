@@ -76,9 +76,9 @@ def render(rows: list[dict[str, Any]], columns: list[str], fmt: Format, *,
 
     console = make_console()
     # A column with one value in every row says nothing per row: move it to the title.
-    constant = [c for c in columns if len(rows) > 1 and c in ("sweep", "model", "dataset")
-                and len({cell(r.get(c)) for r in rows}) == 1]
-    if constant and title:
+    constant = [c for c in columns if title and len(rows) > 1
+                and c in ("sweep", "model", "dataset") and len({cell(r.get(c)) for r in rows}) == 1]
+    if constant:
         title += " — " + ", ".join(f"{c} {cell(rows[0].get(c))}" for c in constant)
     table = Table(title=title)
     shown = [c for c in columns if c not in constant]

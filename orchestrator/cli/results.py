@@ -16,7 +16,8 @@ def register(app: typer.Typer) -> None:
     app.command(name="list")(list_sweeps)
 
 
-def _session(db_url: str):
+def read_session(db_url: str):
+    """A session on an existing, up-to-date results database (never creates one)."""
     from orchestrator.db.engine import ensure_schema, session_scope
 
     return session_scope(ensure_schema(db_url, create=False))
@@ -30,7 +31,7 @@ def status(
     """Trial counts per status, per sweep."""
     from orchestrator import queries
 
-    with _session(ctx.obj["db"]) as session:
+    with read_session(ctx.obj["db"]) as session:
         sweeps = queries.sweep_status(session, sweep)
     rows = [{"sweep": s["name"], **s["counts"], "total": s["total"],
              "updated": s.get("updated_at")} for s in sweeps]
@@ -58,7 +59,7 @@ def print_leaderboard(db_url: str, *, metric: str, sweep: str | None, fmt: Forma
     """Query and print a leaderboard (shared by ``leaderboard`` and ``launch``)."""
     from orchestrator import queries
 
-    with _session(db_url) as session:
+    with read_session(db_url) as session:
         rows = queries.leaderboard(session, metric=metric, sweep=sweep,
                                    include_failed=include_failed)
     if top is not None:
@@ -93,7 +94,7 @@ def list_sweeps(
     """Every sweep in the database with its trial counts."""
     from orchestrator import queries
 
-    with _session(ctx.obj["db"]) as session:
+    with read_session(ctx.obj["db"]) as session:
         sweeps = queries.list_sweeps(session)
     rows = [{"sweep": s["name"], "trials": s.get("trials"),
              **{k: s.get("counts", {}).get(k, 0) for k in STATUSES},

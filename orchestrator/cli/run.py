@@ -16,10 +16,9 @@ def register(app: typer.Typer) -> None:
     app.command()(validate)
 
 
-def _trial_rows(trials: list, statuses: dict[str, str] | None = None) -> list[dict]:
+def _trial_rows(trials: list) -> list[dict]:
     return [{"#": t.position, "model": t.model, "method": t.method, "rate": t.rate,
-             "dataset": t.dataset, "trial_key": t.trial_key[:12],
-             "status": (statuses or {}).get(t.trial_key, "new")} for t in trials]
+             "dataset": t.dataset, "trial_key": t.trial_key[:12]} for t in trials]
 
 
 def validate(

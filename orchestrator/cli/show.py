@@ -24,12 +24,12 @@ def show(
 ) -> None:
     """Everything stored about one trial: identity, config, metrics, evidence, environment."""
     from orchestrator import queries
-    from orchestrator.db.engine import ensure_schema, session_scope
+    from orchestrator.cli.results import read_session
     from orchestrator.errors import BadInput
 
     if fmt not in (Format.table, Format.json):
         raise BadInput(f"sweep show supports --format table or json, not {fmt.value}")
-    with session_scope(ensure_schema(ctx.obj["db"], create=False)) as session:
+    with read_session(ctx.obj["db"]) as session:
         detail = queries.trial_detail(session, key_prefix, sweep)
     if fmt is Format.json:
         print(json.dumps(detail, indent=2, default=str))

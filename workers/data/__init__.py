@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 BUILTIN_DATASETS = {"pydoc": ("train", "validation", "test")}
 DEFAULT_SPLIT = "test"
@@ -69,3 +70,19 @@ def load_documents(name: str, split: str | None = None, limit: int | None = None
     if limit is not None:
         docs = docs[:limit]
     return docs
+
+
+def token_stream(tokenizer: Any, documents: list[str], max_tokens: int | None = None) -> list[int]:
+    """Token ids of the documents, each preceded by BOS (when the tokenizer has one).
+
+    With ``max_tokens``, tokenizing stops once that many ids are collected (the result
+    may be longer; callers slice), so a consumer of a prefix never tokenizes a whole corpus.
+    """
+    ids: list[int] = []
+    for doc in documents:
+        if tokenizer.bos_id is not None:
+            ids.append(tokenizer.bos_id)
+        ids.extend(tokenizer.encode(doc))
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    return ids

@@ -22,17 +22,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from workers.data import token_stream
 from workers.evaluators import register_evaluator
-
-
-def token_stream(tokenizer: Any, documents: list[str]) -> list[int]:
-    """BOS-separated token ids of the documents."""
-    ids: list[int] = []
-    for doc in documents:
-        if tokenizer.bos_id is not None:
-            ids.append(tokenizer.bos_id)
-        ids.extend(tokenizer.encode(doc))
-    return ids
 
 
 def windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:

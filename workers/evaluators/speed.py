@@ -18,8 +18,8 @@ import statistics
 import time
 from typing import Any
 
+from workers.data import token_stream
 from workers.evaluators import register_evaluator
-from workers.evaluators.perplexity import token_stream
 
 
 def _rss_bytes() -> int:
@@ -51,8 +51,8 @@ def evaluate(model: Any, tokenizer: Any, documents: list[str], settings: dict[st
     speed = settings["speed"]
     prompt_length, new_tokens = int(speed["prompt_length"]), int(speed["new_tokens"])
     batch_size = int(speed["batch_size"])
-    ids = token_stream(tokenizer, documents)
     needed = batch_size * prompt_length
+    ids = token_stream(tokenizer, documents, max_tokens=needed)
     if len(ids) < needed:
         ids = (ids * (needed // max(len(ids), 1) + 1))  # short datasets: reuse their text
     prompts = torch.tensor(ids[:needed], dtype=torch.long, device=device)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from workers.data import token_stream
 from workers.methods import MethodConfig, MethodContext, MethodOutcome, register_method
 
 
@@ -83,14 +84,8 @@ def calibration_batches(ctx: MethodContext, config: HeadMaskConfig) -> list[Any]
 
     documents = ctx.calibration_documents(config.calibration_dataset, config.calibration_split,
                                           ctx.seed)
-    ids: list[int] = []
     needed = config.calibration_samples * config.calibration_length
-    for doc in documents:
-        if ctx.tokenizer.bos_id is not None:
-            ids.append(ctx.tokenizer.bos_id)
-        ids.extend(ctx.tokenizer.encode(doc))
-        if len(ids) >= needed:
-            break
+    ids = token_stream(ctx.tokenizer, documents, max_tokens=needed)
     if len(ids) < config.calibration_length:
         raise ValueError(f"calibration text {config.calibration_dataset} has only {len(ids)} "
                          f"tokens; need at least calibration_length={config.calibration_length}")

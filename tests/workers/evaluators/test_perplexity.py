@@ -9,8 +9,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from workers.data import token_stream
 from workers.evaluators import evaluators
-from workers.evaluators.perplexity import evaluate, token_stream, windows
+from workers.evaluators.perplexity import evaluate, windows
 
 DOCS = ["The quick brown fox jumps over the lazy dog.", "Pack my box with five dozen jugs.",
         "Sphinx of black quartz, judge my vow!"]
@@ -88,7 +89,7 @@ def test_real_model_perplexity_matches_numpy_reference(shared_data):
     import numpy as np
 
     from workers.data import load_documents
-    from workers.methods import get_method
+    from workers.methods import MethodContext, get_method
     from workers.models import load_model
 
     tool = shared_data.parent / "tools" / "llama2c_reference.py"
@@ -127,7 +128,8 @@ def test_real_model_perplexity_matches_numpy_reference(shared_data):
     ours = evaluate(loaded.model, Fixed(), ["all"], settings)["perplexity"]
     assert ours == pytest.approx(reference_ppl(4), rel=1e-4)
     method = get_method("drop_layers")
-    dropped = method.apply(loaded.model, 0.25, method.config(), type("C", (), {
-        "family": loaded.family})()).model
+    context = MethodContext(tokenizer=loaded.tokenizer, family=loaded.family, seed=0,
+                            device="cpu", calibration_documents=lambda *_: [])
+    dropped = method.apply(loaded.model, 0.25, method.config(), context).model
     assert evaluate(dropped, Fixed(), ["all"], settings)["perplexity"] == pytest.approx(
         reference_ppl(3), rel=1e-4)
