@@ -103,8 +103,8 @@ def list_sweeps(session: Session) -> list[dict[str, Any]]:
 def sweep_status(session: Session, sweep: str | None = None) -> list[dict[str, Any]]:
     """Trial counts per status of one sweep (or of every sweep when ``sweep`` is None).
 
-    Rows: ``{"name", "counts": {"pending", "running", "done", "failed"}, "total",
-    "updated_at"}``; all four statuses are always present. An unknown sweep name raises
+    Rows: ``{"name", "counts": {"pending", "running", "done", "failed", "timed_out"},
+    "total", "updated_at"}``; every status is always present. An unknown sweep name raises
     :class:`BadInput` with a suggestion.
     """
     sweeps = _sweeps(session, sweep)
@@ -226,7 +226,7 @@ def leaderboard(
             # Ordered by position: the first baseline of a pair wins should there be several.
             baselines.setdefault((t.sweep_id, t.model, t.dataset), t)
 
-    shown = ("done", "failed") if include_failed else ("done",)
+    shown = ("done", "failed", "timed_out") if include_failed else ("done",)
     rows: list[dict[str, Any]] = []
     for t in trials:
         if t.status not in shown:
@@ -387,6 +387,7 @@ def trial_detail(session: Session, key_prefix: str, sweep: str | None = None) ->
             "fingerprint": environment.fingerprint,
         },
         "error": {
+            "reason": trial.failure_reason,
             "type": trial.error_type,
             "message": trial.error_message,
             "traceback": trial.error_traceback,

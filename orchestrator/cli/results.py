@@ -6,7 +6,7 @@ import typer
 
 from orchestrator.cli.render import Format, render
 
-STATUSES = ("pending", "running", "done", "failed")
+STATUSES = ("pending", "running", "done", "failed", "timed_out")
 
 
 def register(app: typer.Typer) -> None:

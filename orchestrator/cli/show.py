@@ -95,7 +95,8 @@ def print_detail(detail: dict[str, Any]) -> None:
 
     error = detail["error"]
     if error is not None:
-        fields("error", [("type", error["type"]), ("message", error["message"])])
+        fields("error", [("reason", error.get("reason")), ("type", error["type"]),
+                        ("message", error["message"])])
         if error.get("traceback"):
             console.print("traceback:", markup=False, highlight=False)
             console.print(Text(error["traceback"].rstrip("\n")), soft_wrap=True)

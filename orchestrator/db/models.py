@@ -38,7 +38,13 @@ NAMING_CONVENTION: dict[str, str] = {
     "pk": "pk_%(table_name)s",
 }
 
-TRIAL_STATUSES: tuple[str, ...] = ("pending", "running", "done", "failed")
+TRIAL_STATUSES: tuple[str, ...] = ("pending", "running", "done", "failed", "timed_out")
+# Why a trial did not finish. Deterministic reasons are never retried automatically: the
+# same variant would fail the same way.
+FAILURE_REASONS: tuple[str, ...] = (
+    "error", "worker_crashed", "out_of_memory", "timed_out", "no_effect", "invalid_evaluation",
+)
+DETERMINISTIC_FAILURES: tuple[str, ...] = ("no_effect", "invalid_evaluation")
 DIRECTIONS: tuple[str, ...] = ("higher", "lower")
 
 
@@ -113,6 +119,28 @@ class Sweep(Base):
         return f"Sweep(id={self.id!r}, name={self.name!r})"
 
 
+class Driver(Base):
+    """One ``sweep launch`` process and its lease on the trials it claimed.
+
+    A live driver refreshes ``heartbeat_at``; a driver whose heartbeat is older than the
+    lease, whose process is gone (same host), or that finished, holds nothing: its
+    ``running`` trials are reset and run again by the next launch.
+    """
+
+    __tablename__ = "drivers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sweep_id: Mapped[int] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"), index=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+    def __repr__(self) -> str:
+        return f"Driver(id={self.id!r}, host={self.host!r}, pid={self.pid!r})"
+
+
 class Environment(Base):
     """Where a trial ran: hardware, package versions and git commit, deduplicated."""
 
@@ -166,6 +194,11 @@ class Trial(Base):
     error_type: Mapped[str | None] = mapped_column(String(200))
     error_message: Mapped[str | None] = mapped_column(Text)
     error_traceback: Mapped[str | None] = mapped_column(Text)
+    failure_reason: Mapped[str | None] = mapped_column(String(32))
+    # The launch that claimed this trial; a trial claimed by a live driver is not run twice.
+    driver_id: Mapped[int | None] = mapped_column(
+        ForeignKey("drivers.id", ondelete="SET NULL"), index=True
+    )
     environment_id: Mapped[int | None] = mapped_column(
         ForeignKey("environments.id", ondelete="SET NULL"), index=True
     )

@@ -13,12 +13,13 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from orchestrator.db.models import (
     DIRECTIONS,
+    FAILURE_REASONS,
     Environment,
     Evidence,
     Metric,
@@ -31,7 +32,7 @@ TRIAL_FIELDS: tuple[str, ...] = (
     "trial_key", "position", "model", "method", "rate", "dataset", "params", "config",
     "is_baseline",
 )
-RESULT_STATUSES: tuple[str, ...] = ("done", "failed")
+RESULT_STATUSES: tuple[str, ...] = ("done", "failed", "timed_out")
 MAX_METRIC_NAME = 100
 MAX_ERROR_TYPE = 200
 
@@ -164,6 +165,7 @@ def record_result(
     if status not in RESULT_STATUSES:
         raise ValueError(f"result status must be one of {RESULT_STATUSES}, not {status!r}")
     metrics = _parse_metrics(result.get("metrics") or {})
+    reason = _failure_reason(status, result.get("error"))
 
     trial = _get_trial(session, sweep_name, trial_key)
     trial.status = status
@@ -185,6 +187,7 @@ def record_result(
         trial.error_traceback = _opt_str(error.get("traceback"))
     else:
         trial.error_type = trial.error_message = trial.error_traceback = None
+    trial.failure_reason = reason
 
     _replace_metrics(session, trial, metrics)
     _replace_evidence(session, trial, result.get("evidence") or None)
@@ -195,25 +198,20 @@ def record_result(
     session.flush()
 
 
-def reset_stale_running(session: Session, sweep_name: str) -> int:
-    """Turn the sweep's ``running`` trials back into ``pending``; returns how many.
-
-    Only a relaunch calls this: a trial still marked running then belongs to a driver that
-    died, and it must be scheduled again.
-    """
-    sweep_id = session.scalar(select(Sweep.id).where(Sweep.name == sweep_name))
-    if sweep_id is None:
-        return 0
-    changed: CursorResult[Any] = session.execute(  # type: ignore[assignment]
-        update(Trial)
-        .where(Trial.sweep_id == sweep_id, Trial.status == "running")
-        .values(status="pending", started_at=None)
-        .execution_options(synchronize_session="fetch")
-    )
-    return int(changed.rowcount or 0)
-
-
 # --------------------------------------------------------------------------- helpers
+
+
+def _failure_reason(status: str, error: Any) -> str | None:
+    if status == "done":
+        return None
+    if status == "timed_out":
+        return "timed_out"
+    reason = error.get("reason") if isinstance(error, Mapping) else None
+    if reason is None:
+        return "error"
+    if reason not in FAILURE_REASONS:
+        raise ValueError(f"failure reason must be one of {FAILURE_REASONS}, not {reason!r}")
+    return str(reason)
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -202,7 +202,8 @@ def test_sweep_status_counts_every_status(board: Engine) -> None:
         (status,) = queries.sweep_status(session, "s1")
         assert queries.sweep_status(session) == [status]
     assert status["name"] == "s1"
-    assert status["counts"] == {"pending": 1, "running": 0, "done": 6, "failed": 1}
+    assert status["counts"] == {"pending": 1, "running": 0, "done": 6, "failed": 1,
+                                "timed_out": 0}
     assert status["total"] == 8
     assert status["updated_at"].tzinfo is not None
 
@@ -214,7 +215,8 @@ def test_sweep_status_of_a_fresh_sweep_has_all_keys(engine: Engine) -> None:
         (status,) = queries.sweep_status(session, "new")
         with pytest.raises(BadInput, match="unknown sweep 'neww'.*did you mean 'new'"):
             queries.sweep_status(session, "neww")
-    assert status["counts"] == {"pending": 0, "running": 0, "done": 0, "failed": 0}
+    assert status["counts"] == {"pending": 0, "running": 0, "done": 0, "failed": 0,
+                                "timed_out": 0}
     assert status["total"] == 0
 
 
@@ -226,7 +228,8 @@ def test_list_sweeps(board: Engine) -> None:
     assert [s["name"] for s in listed] == ["s1", "s0"]  # oldest first
     s1, s0 = listed
     assert s1["trials"] == s1["total"] == 8
-    assert s1["counts"] == {"pending": 1, "running": 0, "done": 6, "failed": 1}
+    assert s1["counts"] == {"pending": 1, "running": 0, "done": 6, "failed": 1,
+                              "timed_out": 0}
     assert s1["models"] == ["llama"] and s1["methods"] == ["magnitude", "none", "wanda"]
     assert s0["spec_path"] == "s0.yaml" and s0["models"] == ["mamba"]
     assert s1["updated_at"] >= s1["created_at"]

@@ -23,7 +23,6 @@ from orchestrator.db.store import (
     mark_running,
     record_result,
     register_sweep,
-    reset_stale_running,
 )
 
 RowsFactory = Callable[..., list[dict[str, Any]]]
@@ -329,25 +328,6 @@ def test_fingerprint_ignores_key_order() -> None:
     assert fingerprint({"a": 1}) != fingerprint({"a": 2})
 
 
-def test_reset_stale_running(
-    engine: Engine, registered: list[dict[str, Any]], make_result: ResultFactory
-) -> None:
-    keys = [r["trial_key"] for r in registered]
-    with session_scope(engine, write=True) as session:
-        for key in keys[:3]:
-            mark_running(session, "s1", key)
-        record_result(session, "s1", keys[0], make_result())
-    with session_scope(engine, write=True) as session:
-        assert reset_stale_running(session, "s1") == 2
-        assert reset_stale_running(session, "no-such-sweep") == 0
-    with session_scope(engine) as session:
-        statuses = [_trial(session, k).status for k in keys]
-        assert statuses == ["done", "pending", "pending", "pending"]
-        assert _trial(session, keys[1]).attempts == 1  # the attempt still happened
-    with session_scope(engine, write=True) as session:
-        assert reset_stale_running(session, "s1") == 0
-
-
 def test_deleting_a_sweep_cascades_in_the_database(
     engine: Engine, registered: list[dict[str, Any]], make_result: ResultFactory
 ) -> None:
@@ -488,3 +468,40 @@ def test_concurrent_writers_from_many_processes(
         assert per_worker == {float(w): PER_PROCESS for w in range(N_PROCESSES)}
         failed = session.scalars(select(Trial).where(Trial.status == "failed")).all()
         assert all(t.error_type == "RuntimeError" and t.finished_at for t in failed)
+
+
+# --------------------------------------------------------------------------- failure reasons
+
+
+def test_failure_reasons_are_stored_and_cleared_by_success(
+    engine: Engine, registered: list[dict[str, Any]], make_result: ResultFactory
+) -> None:
+    keys = [r["trial_key"] for r in registered]
+    oom = {"type": "OutOfMemoryError", "message": "at batch size 1", "reason": "out_of_memory"}
+    with session_scope(engine, write=True) as session:
+        record_result(session, "s1", keys[0], make_result(status="failed", error=oom))
+        record_result(session, "s1", keys[1], make_result(
+            status="timed_out", error={"type": "TrialTimeout", "message": "over 5 s"}))
+        record_result(session, "s1", keys[2], make_result(
+            status="failed", error={"type": "ValueError", "message": "bad"}))
+    with session_scope(engine) as session:
+        got = [(_trial(session, k).status, _trial(session, k).failure_reason) for k in keys[:3]]
+    assert got == [("failed", "out_of_memory"), ("timed_out", "timed_out"), ("failed", "error")]
+    with session_scope(engine, write=True) as session:
+        record_result(session, "s1", keys[0], make_result())
+    with session_scope(engine) as session:
+        assert _trial(session, keys[0]).failure_reason is None
+
+
+def test_unknown_failure_reason_changes_nothing(
+    engine: Engine, registered: list[dict[str, Any]], make_result: ResultFactory
+) -> None:
+    key = registered[0]["trial_key"]
+    with session_scope(engine) as session:
+        before = _snapshot(session, key)
+    with pytest.raises(ValueError, match="failure reason"), \
+            session_scope(engine, write=True) as session:
+        record_result(session, "s1", key, make_result(
+            status="failed", error={"type": "X", "message": "y", "reason": "cosmic_rays"}))
+    with session_scope(engine) as session:
+        assert _snapshot(session, key) == before
