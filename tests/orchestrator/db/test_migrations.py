@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import shutil
-from datetime import UTC, datetime
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
