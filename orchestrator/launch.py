@@ -1,15 +1,19 @@
 """Running a sweep on Ray Tune, with the driver-side callback as the only DB writer.
 
-``launch`` expands the spec, records the sweep and its trials (``pending``), skips every
-trial already ``done``, and runs the rest with ``tune.Tuner`` — one trial per pending
-trial spec, model-major, ``max_concurrent_trials`` at once, one GPU per trial when the
-cluster has GPUs. Results reach the database only through :class:`ResultsCallback`.
+``plan`` expands the spec, records the sweep and its trials (``pending``), takes back
+trials a dead driver left ``running``, recovers results its workers had written to result
+files, and claims what is left to run under this driver's lease. ``run`` runs the claimed
+trials with ``tune.Tuner`` — model-major, ``max_concurrent_trials`` at once, one GPU per
+trial when the cluster has GPUs — retrying failures up to ``max_attempts``. Results reach
+the database only through :class:`ResultsCallback`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,19 +21,40 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import spec as spec_module
-from orchestrator.db.engine import ensure_schema, session_scope
-from orchestrator.db.store import mark_running, record_result, register_sweep, reset_stale_running
+from orchestrator.db.engine import ensure_schema, redact_url, session_scope
+from orchestrator.db.leases import (
+    HEARTBEAT_S,
+    claim,
+    finish_driver,
+    heartbeat,
+    reclaim,
+    start_driver,
+)
+from orchestrator.db.models import DETERMINISTIC_FAILURES
+from orchestrator.db.store import mark_running, record_result, register_sweep
 from orchestrator.errors import SweepError
+from orchestrator.queries import trial_outcomes
+from workers import result_files
 
 
 @dataclass
 class LaunchPlan:
-    """What a launch would do: every trial of the grid and the ones that will run."""
+    """What a launch will do: every trial of the grid and the ones it claimed to run.
+
+    ``busy`` are trials another live launch is running (left to it); ``reset`` counts
+    trials a dead driver left ``running``; ``recovered`` counts results found in result
+    files of trials whose driver died before recording them.
+    """
 
     spec: spec_module.SweepSpec
     trials: list[spec_module.TrialSpec]
     to_run: list[spec_module.TrialSpec]
     statuses: dict[str, str] = field(default_factory=dict)
+    driver_id: int | None = None
+    result_dir: str | None = None
+    busy: dict[str, str] = field(default_factory=dict)
+    reset: int = 0
+    recovered: int = 0
 
 
 @dataclass
@@ -42,6 +67,7 @@ class LaunchOutcome:
     ran: int = 0
     done: int = 0
     failed: int = 0
+    retried: int = 0
     dashboard_url: str | None = None
     seconds: float = 0.0
 
@@ -55,34 +81,110 @@ def local_ray_environment() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
+def storage_dir(storage_path: str | None = None) -> Path:
+    """Where Tune keeps experiment state (and workers their result files)."""
+    from workers.cache import cache_dir
+
+    return Path(storage_path) if storage_path else cache_dir() / "tune"
+
+
+def result_dir(db_url: str, sweep: str, storage_path: str | None = None) -> Path:
+    """The result-file directory of one sweep in one database.
+
+    Keyed by the database (without its password) so that two databases holding a sweep of
+    the same name never ingest each other's results.
+    """
+    database = hashlib.sha256(redact_url(db_url).encode()).hexdigest()[:16]
+    return storage_dir(storage_path) / "results" / database / sweep
+
+
 def plan(spec: spec_module.SweepSpec, spec_path: str | None, db_url: str,
-         retry_failed: bool = False, dry_run: bool = False) -> LaunchPlan:
-    """Expand the grid; unless ``dry_run``, record the sweep and find what must run."""
+         retry_failed: bool = False, dry_run: bool = False,
+         storage_path: str | None = None) -> LaunchPlan:
+    """Expand the grid; unless ``dry_run``, record the sweep and claim what must run.
+
+    In one write transaction: trials of dead drivers go back to ``pending``, results
+    their workers left in result files are recorded, and what is pending (plus failed and
+    timed-out trials with ``retry_failed``) and not held by a live launch is claimed.
+    """
     trials = spec_module.expand(spec)
     if dry_run:
         return LaunchPlan(spec, trials, list(trials))
     engine = ensure_schema(db_url, create=True)
+    files_dir = result_dir(db_url, spec.name, storage_path)
     with session_scope(engine, write=True) as session:
-        # A previous driver that died leaves trials "running"; they run again.
-        reset_stale_running(session, spec.name)
+        reclaimed = reclaim(session, spec.name)
         statuses = register_sweep(session, spec.name, spec.model_dump(mode="json", by_alias=True),
                                   spec_path, [t.row() for t in trials])
-    runnable = {"pending", "running"} | ({"failed"} if retry_failed else set())
-    to_run = [t for t in trials if statuses.get(t.trial_key) in runnable]
-    return LaunchPlan(spec, trials, to_run, statuses)
+        recovered, stale_files = _ingest_result_files(session, spec.name, files_dir, statuses,
+                                                      reclaimed.busy)
+        runnable = {"pending"} | ({"failed", "timed_out"} if retry_failed else set())
+        to_run = [t for t in trials
+                  if statuses[t.trial_key] in runnable and t.trial_key not in reclaimed.busy]
+        driver_id = start_driver(session, spec.name)
+        if to_run:
+            claim(session, spec.name, driver_id, [t.trial_key for t in to_run])
+        else:
+            finish_driver(session, driver_id)
+    for key in stale_files:  # only once their results are committed
+        result_files.remove(files_dir, key)
+    return LaunchPlan(spec, trials, to_run, statuses, driver_id=driver_id,
+                      result_dir=str(files_dir), busy=reclaimed.busy, reset=reclaimed.reset,
+                      recovered=recovered)
+
+
+def _ingest_result_files(session: Any, sweep: str, files_dir: Path, statuses: dict[str, str],
+                         busy: dict[str, str]) -> tuple[int, list[str]]:
+    """Record results a worker wrote but no driver recorded; returns (count, files to drop)."""
+    recovered = 0
+    drop: list[str] = []
+    for key, result in result_files.read_all(files_dir).items():
+        if key not in statuses or key in busy:
+            continue  # another spec version's trial, or a live launch's
+        if statuses[key] == "pending":
+            evidence = result.get("evidence")
+            if isinstance(evidence, dict) and isinstance(evidence.get("details"), dict):
+                evidence["details"]["recovered_from_result_file"] = True
+            try:
+                with session.begin_nested():
+                    record_result(session, sweep, key, result)
+            except (ValueError, TypeError):
+                continue  # a malformed file: the trial simply runs again
+            statuses[key] = result["status"]
+            recovered += 1
+        drop.append(key)
+    return recovered, drop
 
 
 class Progress:
-    """Counts shown while the sweep runs; ``on_change`` redraws the progress display."""
+    """Per-trial states while the sweep runs; ``on_change`` redraws the progress display."""
 
-    def __init__(self, total: int, on_change: Callable[[Progress], None] | None = None) -> None:
-        self.total = total
-        self.done = 0
-        self.failed = 0
-        self.running = 0
+    def __init__(self, keys: list[str],
+                 on_change: Callable[[Progress], None] | None = None) -> None:
+        self.states = dict.fromkeys(keys, "pending")
         self.on_change = on_change
 
-    def changed(self) -> None:
+    @property
+    def total(self) -> int:
+        return len(self.states)
+
+    def count(self, *states: str) -> int:
+        return sum(1 for s in self.states.values() if s in states)
+
+    @property
+    def done(self) -> int:
+        return self.count("done")
+
+    @property
+    def failed(self) -> int:
+        return self.count("failed", "timed_out")
+
+    @property
+    def running(self) -> int:
+        return self.count("running")
+
+    def set(self, key: str, state: str) -> None:
+        self.states[key] = state
         if self.on_change is not None:
             self.on_change(self)
 
@@ -93,16 +195,18 @@ def _results_callback_class() -> type:
     class ResultsCallback(Callback):
         """Writes trial transitions and results to the database (the single writer)."""
 
-        def __init__(self, engine: Any, sweep: str, progress: Progress) -> None:
+        def __init__(self, engine: Any, sweep: str, progress: Progress,
+                     files_dir: str | None) -> None:
             self.engine = engine
             self.sweep = sweep
             self.progress = progress
+            self.files_dir = files_dir
             self.recorded: set[str] = set()
 
         def __getstate__(self) -> dict:
             # Tune pickles the Tuner (callbacks included) for experiment restore; an engine
             # and a live progress display cannot be pickled and make no sense restored.
-            return {**self.__dict__, "engine": None, "progress": Progress(self.progress.total)}
+            return {**self.__dict__, "engine": None, "progress": Progress([])}
 
         def _key(self, trial: Any) -> str:
             return trial.config["trial"]["trial_key"]
@@ -110,8 +214,7 @@ def _results_callback_class() -> type:
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             with session_scope(self.engine, write=True) as session:
                 mark_running(session, self.sweep, self._key(trial))
-            self.progress.running += 1
-            self.progress.changed()
+            self.progress.set(self._key(trial), "running")
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                             **info: Any) -> None:
@@ -121,11 +224,19 @@ def _results_callback_class() -> type:
             self._record(trial, json.loads(payload))
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            # The trainable catches trial errors itself; this is a crashed worker process.
+            key = self._key(trial)
+            if key in self.recorded:
+                return  # a timed-out trial's process ends after its report
+            # The worker may have written its result before its process died.
+            written = (result_files.read_all(self.files_dir).get(key)
+                       if self.files_dir else None)
+            if written is not None:
+                self._record(trial, written)
+                return
             error = trial.error_message if hasattr(trial, "error_message") else None
             self._record(trial, {
                 "status": "failed",
-                "error": {"type": "WorkerCrashed",
+                "error": {"type": "WorkerCrashed", "reason": "worker_crashed",
                           "message": "the trial's worker process died"
                                      + (f": {error.splitlines()[-1]}" if error else ""),
                           "traceback": error or ""},
@@ -138,14 +249,29 @@ def _results_callback_class() -> type:
             with session_scope(self.engine, write=True) as session:
                 record_result(session, self.sweep, key, result)
             self.recorded.add(key)
-            self.progress.running = max(0, self.progress.running - 1)
-            if result.get("status") == "done":
-                self.progress.done += 1
-            else:
-                self.progress.failed += 1
-            self.progress.changed()
+            if self.files_dir:
+                result_files.remove(self.files_dir, key)
+            self.progress.set(key, result.get("status", "failed"))
 
     return ResultsCallback
+
+
+class _Heartbeat(threading.Thread):
+    """Refreshes the driver's lease every ``HEARTBEAT_S`` until stopped."""
+
+    def __init__(self, engine: Any, driver_id: int) -> None:
+        super().__init__(name="sweep-driver-heartbeat", daemon=True)
+        self.engine = engine
+        self.driver_id = driver_id
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(HEARTBEAT_S):
+            try:
+                with session_scope(self.engine, write=True) as session:
+                    heartbeat(session, self.driver_id)
+            except Exception:  # noqa: BLE001 - a missed beat is retried; the lease is 6 beats
+                continue
 
 
 def _trial_name(trial: Any) -> str:
@@ -191,25 +317,32 @@ def run(plan_: LaunchPlan, db_url: str, *, max_concurrent: int | None = None,
         on_start: Callable[[str | None], None] | None = None,
         on_change: Callable[[Progress], None] | None = None,
         storage_path: str | None = None) -> LaunchOutcome:
-    """Run ``plan_.to_run`` on Ray Tune; the callback records every transition."""
+    """Run ``plan_.to_run`` on Ray Tune; the callback records every transition.
+
+    Failed and timed-out trials are run again, in further rounds, until each has had
+    ``max_attempts`` attempts in this launch (failures that would repeat are not retried).
+    """
     spec = plan_.spec
     outcome = LaunchOutcome(sweep=spec.name, total=len(plan_.trials),
                             skipped=len(plan_.trials) - len(plan_.to_run))
     if not plan_.to_run:
         return outcome
     started = time.perf_counter()
-    prepare_models(spec)
-    import ray
-    from ray import tune
-
-    from workers.cache import cache_dir
-    from workers.trial import git_sha, tune_trainable
-
-    started_here, url = start_ray(address, include_dashboard)
-    outcome.dashboard_url = url
-    if on_start is not None:
-        on_start(url)
+    engine = ensure_schema(db_url, create=False)
+    beat = _Heartbeat(engine, plan_.driver_id) if plan_.driver_id is not None else None
+    if beat is not None:
+        beat.start()
+    started_here = False
     try:
+        prepare_models(spec)
+        import ray
+
+        from workers.trial import git_sha
+
+        started_here, url = start_ray(address, include_dashboard)
+        outcome.dashboard_url = url
+        if on_start is not None:
+            on_start(url)
         cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
         gpus = spec.resources.gpus_per_trial
         if gpus is None:
@@ -219,30 +352,71 @@ def run(plan_: LaunchPlan, db_url: str, *, max_concurrent: int | None = None,
                              f"{cluster_gpus:g} GPUs; lower it or add GPU workers")
         cpus = spec.resources.cpus_per_trial
         sha = git_sha()
-        configs = [dict(t.config, use_gpu=gpus > 0, cpus_per_trial=cpus, git_sha=sha)
-                   for t in plan_.to_run]
-        progress = Progress(len(configs), on_change)
-        engine = ensure_schema(db_url, create=False)
-        callback = _results_callback_class()(engine, spec.name, progress)
-        storage = storage_path or str(cache_dir() / "tune")
-        Path(storage).mkdir(parents=True, exist_ok=True)
-        tuner = tune.Tuner(
-            tune.with_resources(tune_trainable, {"cpu": cpus, "gpu": gpus}),
-            param_space={"trial": tune.grid_search(configs)},
-            tune_config=tune.TuneConfig(
-                max_concurrent_trials=max_concurrent or spec.max_concurrent_trials,
-                reuse_actors=True, trial_name_creator=_trial_name,
-                trial_dirname_creator=_trial_name),
-            run_config=tune.RunConfig(
-                name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=storage,
-                verbose=0, callbacks=[callback], log_to_file=True),
-        )
-        tuner.fit()
+        configs = [dict(t.config, use_gpu=gpus > 0, cpus_per_trial=cpus, git_sha=sha,
+                        result_dir=plan_.result_dir) for t in plan_.to_run]
+        progress = Progress([c["trial_key"] for c in configs], on_change)
+        attempts: dict[str, int] = dict.fromkeys(progress.states, 0)
+        storage = storage_dir(storage_path)
+        storage.mkdir(parents=True, exist_ok=True)
+        round_configs = configs
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for round_number in range(1, spec.max_attempts + 1):
+            callback = _results_callback_class()(engine, spec.name, progress, plan_.result_dir)
+            _tuner(spec, round_configs, cpus, gpus, max_concurrent, callback,
+                   name=f"{spec.name}-{stamp}" + (f"-retry{round_number - 1}"
+                                                   if round_number > 1 else ""),
+                   storage=str(storage)).fit()
+            for config in round_configs:
+                attempts[config["trial_key"]] += 1
+            round_configs = _to_retry(engine, spec.name, round_configs, attempts,
+                                      spec.max_attempts)
+            if not round_configs:
+                break
+            outcome.retried += len(round_configs)
+            for config in round_configs:
+                progress.set(config["trial_key"], "pending")
         outcome.ran = len(configs)
         outcome.done = progress.done
         outcome.failed = progress.failed
     finally:
+        if beat is not None:
+            beat.stopped.set()
+            beat.join()
+            with session_scope(engine, write=True) as session:
+                finish_driver(session, plan_.driver_id)
         if started_here:
+            import ray
+
             ray.shutdown()
     outcome.seconds = time.perf_counter() - started
     return outcome
+
+
+def _tuner(spec: spec_module.SweepSpec, configs: list[dict], cpus: float, gpus: float,
+           max_concurrent: int | None, callback: Any, name: str, storage: str) -> Any:
+    from ray import tune
+
+    from workers.trial import tune_trainable
+
+    return tune.Tuner(
+        tune.with_resources(tune_trainable, {"cpu": cpus, "gpu": gpus}),
+        param_space={"trial": tune.grid_search(configs)},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=max_concurrent or spec.max_concurrent_trials,
+            reuse_actors=True, trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name),
+        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
+                                  callbacks=[callback], log_to_file=True),
+    )
+
+
+def _to_retry(engine: Any, sweep: str, configs: list[dict], attempts: dict[str, int],
+              max_attempts: int) -> list[dict]:
+    """The configs whose trial failed in a way worth retrying and has attempts left."""
+    keys = [c["trial_key"] for c in configs]
+    with session_scope(engine) as session:
+        outcomes = trial_outcomes(session, sweep, keys)
+    return [c for c in configs
+            if outcomes.get(c["trial_key"], ("done", None))[0] in ("failed", "timed_out")
+            and outcomes[c["trial_key"]][1] not in DETERMINISTIC_FAILURES
+            and attempts[c["trial_key"]] < max_attempts]

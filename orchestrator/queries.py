@@ -393,3 +393,16 @@ def trial_detail(session: Session, key_prefix: str, sweep: str | None = None) ->
             "traceback": trial.error_traceback,
         } if failed or trial.error_traceback else None,
     }
+
+
+def trial_outcomes(session: Session, sweep: str, trial_keys: list[str]) -> dict[str, tuple]:
+    """``{trial_key: (status, failure_reason)}`` for the given trials of ``sweep``."""
+    out: dict[str, tuple] = {}
+    for start in range(0, len(trial_keys), 500):  # stay below bound-parameter limits
+        rows = session.execute(
+            select(Trial.trial_key, Trial.status, Trial.failure_reason)
+            .join(Sweep, Trial.sweep_id == Sweep.id)
+            .where(Sweep.name == sweep, Trial.trial_key.in_(trial_keys[start:start + 500]))
+        ).all()
+        out.update({key: (status, reason) for key, status, reason in rows})
+    return out

@@ -71,6 +71,8 @@ class EvaluationSettings(_Strict):
     stride: int | None = Field(default=None, ge=1)
     probe_length: int = Field(default=32, ge=2)
     speed: SpeedSettings = Field(default_factory=SpeedSettings)
+    # A limit, not a setting of the measurement: it is left out of the trial key.
+    timeout_s: float | None = Field(default=None, gt=0)
 
 
 class Resources(_Strict):
@@ -97,6 +99,10 @@ class SweepSpec(_Strict):
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     resources: Resources = Field(default_factory=Resources)
     max_concurrent_trials: int | None = Field(default=None, ge=1)
+    # Attempts per trial within one launch: a failed or timed-out trial is retried until
+    # it has had this many (failures that would repeat, like "no effect", are not retried).
+    max_attempts: int = Field(default=1, ge=1, le=20)
+    trial_timeout_s: float | None = Field(default=None, gt=0)
     seed: int = 0
     score: ScoreSettings = Field(default_factory=ScoreSettings)
 
@@ -421,7 +427,10 @@ def expand(spec: SweepSpec) -> list[TrialSpec]:
     from workers.methods import methods
 
     registry = methods()
-    evaluation = spec.evaluation.model_dump(mode="json")
+    # Limits are not part of what is measured: changing them must not change trial keys.
+    evaluation = spec.evaluation.model_dump(mode="json", exclude={"timeout_s"})
+    limits = {"trial_timeout_s": spec.trial_timeout_s,
+              "evaluation_timeout_s": spec.evaluation.timeout_s}
     trials: list[TrialSpec] = []
     for model in spec.models:
         model_dict = model.model_dump(mode="json")
@@ -440,7 +449,7 @@ def expand(spec: SweepSpec) -> list[TrialSpec]:
                     "trial_key": key, "sweep": spec.name, "model": model_dict,
                     "method": {"name": method_name, "params": params, "rate": rate},
                     "dataset": dataset_dict, "evaluation": evaluation, "seed": spec.seed,
-                    "is_baseline": method_name == BASELINE_METHOD,
+                    "is_baseline": method_name == BASELINE_METHOD, "limits": limits,
                 }
                 trials.append(TrialSpec(
                     trial_key=key, position=len(trials), model=model.id, method=method_name,

@@ -18,17 +18,26 @@ import os
 import platform
 import socket
 import subprocess
+import sys
+import threading
 import time
 import traceback
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from workers import cache
+from workers import cache, result_files
 from workers.data import load_documents, token_stream
+from workers.deadline import Deadline
 from workers.evaluators import MODEL_METRICS, evaluators
+from workers.memory import is_out_of_memory, run_with_backoff
 from workers.methods import MethodContext, get_method
 from workers.models import LoadedModel, load_model
+
+# Seconds between reporting a timed-out trial and ending its process: time for Tune to
+# collect the report from this actor before it disappears.
+TIMEOUT_EXIT_GRACE_S = 2.0
+TIMEOUT_EXIT_CODE = 3
 
 
 class NoEffectError(RuntimeError):
@@ -195,10 +204,15 @@ def causality_violation(model: Any, probe: Any) -> float:
 # --------------------------------------------------------------------------- the trial
 
 
-def run_trial(config: dict[str, Any]) -> dict[str, Any]:
-    """Build, verify and evaluate one variant; returns the result dict (status "done")."""
+def run_trial(config: dict[str, Any], deadline: Deadline | None = None) -> dict[str, Any]:
+    """Build, verify and evaluate one variant; returns the result dict (status "done").
+
+    ``deadline`` is told when each evaluation starts and ends, so a watcher can stop an
+    evaluation that runs over ``evaluation.timeout_s``.
+    """
     import torch
 
+    deadline = deadline or Deadline(None, None)
     started = time.perf_counter()
     threads = max(1, int(config.get("cpus_per_trial") or 1))
     torch.set_num_threads(threads)
@@ -270,15 +284,20 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
             f"the variant is not causal: changing tokens after position t changed the logits at "
             f"positions <= t by up to {violation:.3g}; its language-model metrics would be invalid")
 
-    directions = {}
     metrics: dict[str, dict[str, Any]] = {}
+    batches: dict[str, dict[str, Any]] = {}
     registry = evaluators()
     for name in evaluation["metrics"]:
         info = registry[name]
-        values = info.evaluate(variant, loaded.tokenizer, docs, evaluation, device=device)
+        with deadline.evaluation(name):
+            values, batch = run_with_backoff(
+                lambda settings, info=info: info.evaluate(variant, loaded.tokenizer, docs,
+                                                          settings, device=device),
+                evaluation, info.batch_setting, name)
+        batches[name] = batch.as_dict()
         for metric, value in values.items():
             metrics[metric] = {"value": value, "direction": info.metrics.get(metric)}
-            directions[metric] = info.metrics.get(metric)
+    evidence["details"]["evaluation"] = batches
     metrics["params"] = {"value": float(evidence["params_after"]),
                          "direction": MODEL_METRICS["params"]}
     metrics["size_mb"] = {"value": evidence["details"]["bytes_after"] / 2**20,
@@ -293,33 +312,94 @@ def run_trial(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def failure_result(exc: BaseException, started: float) -> dict[str, Any]:
-    """The result dict of a trial that raised."""
+def failure_reason(exc: BaseException) -> str:
+    """The recorded reason of a failure: what kind of failure it is, for retries and reports."""
+    if is_out_of_memory(exc):
+        return "out_of_memory"
+    if isinstance(exc, NoEffectError):
+        return "no_effect"
+    if isinstance(exc, InvalidEvaluationError):
+        return "invalid_evaluation"
+    return "error"
+
+
+def _safe_environment() -> dict[str, Any] | None:
     try:
-        env = environment()
+        return environment()
     except Exception:  # noqa: BLE001 - the original error is what matters
-        env = None
+        return None
+
+
+def failure_result(exc: BaseException, started: float) -> dict[str, Any]:
+    """The result dict of a trial that raised (call inside the ``except`` block)."""
     return {
         "status": "failed",
         "error": {"type": type(exc).__name__, "message": str(exc) or type(exc).__name__,
-                  "traceback": traceback.format_exc()},
-        "environment": env,
+                  "traceback": traceback.format_exc(), "reason": failure_reason(exc)},
+        "environment": _safe_environment(),
         "host": socket.gethostname(),
         "duration_s": time.perf_counter() - started,
     }
 
 
+def timed_out_result(message: str, started: float, thread: threading.Thread | None) -> dict:
+    """The result dict of a trial stopped by its deadline, with where it was stuck."""
+    frame = sys._current_frames().get(thread.ident) if thread and thread.ident else None
+    stack = "".join(traceback.format_stack(frame)) if frame is not None else ""
+    return {
+        "status": "timed_out",
+        "error": {"type": "TrialTimeout", "message": message, "reason": "timed_out",
+                  "traceback": f"The trial (worker process {os.getpid()}) was here when it "
+                               f"was stopped:\n{stack}"},
+        "environment": _safe_environment(),
+        "host": socket.gethostname(),
+        "duration_s": time.perf_counter() - started,
+    }
+
+
+def attempt(config: dict[str, Any], deadline: Deadline | None = None) -> dict[str, Any]:
+    """Run the trial; any error becomes a failed result (the sweep goes on)."""
+    started = time.perf_counter()
+    try:
+        return run_trial(config, deadline)
+    except Exception as exc:  # noqa: BLE001 - every trial error becomes a recorded failure
+        return failure_result(exc, started)
+
+
+def _run_within_limits(config: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """(result, timed_out): the trial in a thread, watched against its deadline."""
+    limits = config.get("limits") or {}
+    deadline = Deadline(limits.get("trial_timeout_s"), limits.get("evaluation_timeout_s"))
+    if not deadline.active:
+        return attempt(config), False
+    started = time.perf_counter()
+    box: dict[str, dict[str, Any]] = {}
+    thread = threading.Thread(target=lambda: box.update(result=attempt(config, deadline)),
+                              name=f"trial-{config['trial_key'][:8]}", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+        message = deadline.exceeded()
+        if message is not None and thread.is_alive():
+            return timed_out_result(message, started, thread), True
+    return box["result"], False
+
+
 def tune_trainable(config: dict[str, Any]) -> None:
     """Ray Tune function trainable: run the trial and report its result as one JSON payload.
 
-    Errors are caught here and reported as a failed result with type, message and
-    traceback, so the driver records them and the sweep goes on.
+    The result is first written to the trial's result file (durable across a driver
+    crash), then reported. A trial over its time limit is reported as ``timed_out`` and
+    its process then exits, releasing everything the stuck trial holds.
     """
     from ray import tune
 
-    started = time.perf_counter()
-    try:
-        result = run_trial(config["trial"])
-    except Exception as exc:  # noqa: BLE001 - every trial error becomes a recorded failure
-        result = failure_result(exc, started)
+    trial = config["trial"]
+    result, timed_out = _run_within_limits(trial)
+    if trial.get("result_dir"):
+        result_files.write(trial["result_dir"], trial["trial_key"], result)
     tune.report({"payload": json.dumps(result), "trial_status": result["status"]})
+    if timed_out:
+        threading.Timer(TIMEOUT_EXIT_GRACE_S, os._exit, args=(TIMEOUT_EXIT_CODE,)).start()
+        while True:  # never return: Tune must not reuse this process for another trial
+            time.sleep(60)

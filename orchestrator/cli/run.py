@@ -71,19 +71,32 @@ def launch(
             print(text)
         return
     planned = service.plan(spec, str(spec_path), db_url, retry_failed=retry_failed)
-    skipped = len(planned.trials) - len(planned.to_run)
+    skipped = len(planned.trials) - len(planned.to_run) - len(planned.busy)
     console.print(f"sweep [bold]{spec.name}[/]: {len(planned.trials)} trials, "
                   f"{skipped} already recorded, {len(planned.to_run)} to run "
                   f"(results: {redact_url(db_url)})")
+    if planned.reset:
+        console.print(f"{planned.reset} trial(s) left running by a launch that died will run "
+                      "again")
+    if planned.recovered:
+        console.print(f"recovered {planned.recovered} result(s) that workers of a launch that "
+                      "died had written")
+    if planned.busy:
+        owners = ", ".join(sorted(set(planned.busy.values())))
+        console.print(f"{len(planned.busy)} trial(s) are being run by another launch ({owners}):"
+                      " left to it")
     if not planned.to_run:
-        failed = sum(1 for s in planned.statuses.values() if s == "failed")
-        note = f" ({failed} failed: rerun them with --retry-failed)" if failed else ""
-        console.print(f"nothing to run: every trial is already done{note}")
+        failed = sum(1 for s in planned.statuses.values() if s in ("failed", "timed_out"))
+        note = f" ({failed} failed or timed out: rerun them with --retry-failed)" if failed else ""
+        what = "every trial is done or being run elsewhere" if planned.busy else \
+            "every trial is already done"
+        console.print(f"nothing to run: {what}{note}")
     else:
         outcome = _run_with_progress(service, planned, db_url, console, max_concurrent, address,
                                      dashboard)
-        console.print(f"ran {outcome.ran} trials in {outcome.seconds:.0f} s: "
-                      f"{outcome.done} done, {outcome.failed} failed")
+        retried = f" ({outcome.retried} retries)" if outcome.retried else ""
+        console.print(f"ran {outcome.ran} trials in {outcome.seconds:.0f} s{retried}: "
+                      f"{outcome.done} done, {outcome.failed} failed or timed out")
     from orchestrator.cli.results import print_leaderboard
 
     print_leaderboard(db_url, metric="score", sweep=spec.name, fmt=fmt, top=None,

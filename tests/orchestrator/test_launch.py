@@ -63,7 +63,8 @@ def test_every_trial_recorded_failure_does_not_stop_the_sweep(small_sweep):
         [status] = queries.sweep_status(session, "small")
         rows = queries.leaderboard(session, metric="perplexity", sweep="small",
                                    include_failed=True)
-    assert status["counts"] == {"pending": 0, "running": 0, "done": 3, "failed": 1}
+    assert status["counts"] == {"pending": 0, "running": 0, "done": 3, "failed": 1,
+                                "timed_out": 0}
     failed = [r for r in rows if r["status"] == "failed"]
     assert len(failed) == 1 and failed[0]["rate"] == 0.95
 
@@ -131,7 +132,8 @@ def test_cli_contracts_read_without_ray(small_sweep):
     status = json.loads(cli("--db", url, "status", "--format", "json").stdout)
     assert list(status) == ["sweeps"] and len(status["sweeps"]) == 1
     assert status["sweeps"][0]["name"] == "small"
-    assert status["sweeps"][0]["counts"] == {"pending": 0, "running": 0, "done": 3, "failed": 1}
+    assert status["sweeps"][0]["counts"] == {"pending": 0, "running": 0, "done": 3, "failed": 1,
+                                               "timed_out": 0}
 
     listing = cli("--db", url, "list", "--format", "json")
     assert listing.returncode == 0 and json.loads(listing.stdout)[0]["name"] == "small"

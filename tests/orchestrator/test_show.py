@@ -67,7 +67,7 @@ def db_url(tmp_path_factory: pytest.TempPathFactory) -> str:
             "status": "failed", "host": "node-2", "duration_s": 0.5, "metrics": {},
             "environment": environment,
             "error": {"type": "RuntimeError", "message": "CUDA out of memory [device 0]",
-                      "traceback": TRACEBACK},
+                      "traceback": TRACEBACK, "reason": "out_of_memory"},
         })
     dispose_engines()
     return url
@@ -103,7 +103,7 @@ def test_show_json_is_the_query_dict(db_url: str) -> None:
     assert detail["sweep"] == "demo"
     assert (detail["method"], detail["rate"], detail["status"]) == ("head_mask", 0.5, "failed")
     assert detail["attempts"] == 1
-    assert detail["error"] == {"type": "RuntimeError",
+    assert detail["error"] == {"reason": "out_of_memory", "type": "RuntimeError",
                                "message": "CUDA out of memory [device 0]",
                                "traceback": TRACEBACK}
     assert detail["metrics"] == []

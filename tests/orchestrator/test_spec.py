@@ -50,7 +50,11 @@ def test_trial_keys_are_stable_and_defaults_do_not_change_them():
     assert a[0].trial_key == spec.trial_key(
         {"id": "builtin:tiny-llama", "source": None, "dtype": None, "trust_remote_code": False},
         "none", {}, None, {"name": "builtin:pydoc", "split": None, "limit": None},
-        spec.EvaluationSettings().model_dump(mode="json"), 0)
+        spec.EvaluationSettings().model_dump(mode="json", exclude={"timeout_s"}), 0)
+    # Limits and retries decide how a trial is run, not what it measures.
+    limited = dict(GOOD, max_attempts=3, trial_timeout_s=60,
+                   evaluation=dict(GOOD.get("evaluation", {}), timeout_s=30))
+    assert [t.trial_key for t in spec.expand(loads(limited))] == [t.trial_key for t in a]
     changed = spec.expand(loads(dict(GOOD, seed=1)))
     assert {t.trial_key for t in changed}.isdisjoint({t.trial_key for t in a})
 

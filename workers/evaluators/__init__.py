@@ -24,18 +24,27 @@ class EvaluatorInfo:
     description: str
     metrics: dict[str, Direction]
     evaluate: Callable[..., dict[str, float]]
+    # Path of the setting that sets its batch size, halved when the evaluation runs out
+    # of memory; None when the evaluator has no batch to shrink.
+    batch_setting: tuple[str, ...] | None = None
 
 
 _EVALUATORS: dict[str, EvaluatorInfo] = {}
 
 
-def register_evaluator(name: str, *, metrics: dict[str, Direction], description: str):
-    """Register ``evaluate`` under ``name``; ``metrics`` maps metric name → direction."""
+def register_evaluator(name: str, *, metrics: dict[str, Direction], description: str,
+                       batch_setting: tuple[str, ...] | None = None):
+    """Register ``evaluate`` under ``name``; ``metrics`` maps metric name → direction.
+
+    ``batch_setting`` is the path of the evaluation setting holding the evaluator's batch
+    size (``("batch_size",)``, ``("speed", "batch_size")``), halved on out-of-memory.
+    """
 
     def wrap(evaluate: Callable[..., dict[str, float]]) -> Callable[..., dict[str, float]]:
         if name in _EVALUATORS:
             raise ValueError(f"evaluator {name!r} registered twice")
-        _EVALUATORS[name] = EvaluatorInfo(name, description, dict(metrics), evaluate)
+        _EVALUATORS[name] = EvaluatorInfo(name, description, dict(metrics), evaluate,
+                                          batch_setting)
         return evaluate
 
     return wrap

@@ -80,6 +80,7 @@ def sum_log_likelihood(model: Any, ids: list[int], max_length: int, stride: int,
     metrics={"perplexity": "lower", "nll_per_token": "lower", "eval_tokens": None},
     description="Token-level perplexity, sliding window (max_length, stride) over BOS-separated "
                 "documents.",
+    batch_setting=("batch_size",),
 )
 def evaluate(model: Any, tokenizer: Any, documents: list[str], settings: dict[str, Any],
              device: str = "cpu") -> dict[str, float]:

@@ -42,6 +42,7 @@ def _quartiles(values: list[float]) -> tuple[float, float]:
              "peak_memory_mb": "lower"},
     description="Prefill tokens/s and greedy decode ms/token with KV cache (median of repeats), "
                 "peak memory.",
+    batch_setting=("speed", "batch_size"),
 )
 def evaluate(model: Any, tokenizer: Any, documents: list[str], settings: dict[str, Any],
              device: str = "cpu") -> dict[str, float]:
