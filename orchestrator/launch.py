@@ -32,7 +32,7 @@ from orchestrator.db.leases import (
 )
 from orchestrator.db.models import DETERMINISTIC_FAILURES
 from orchestrator.db.store import mark_running, record_result, register_sweep
-from orchestrator.errors import SweepError
+from orchestrator.errors import BadInput, SweepError
 from orchestrator.queries import trial_outcomes
 from workers import result_files
 
@@ -96,6 +96,23 @@ def result_dir(db_url: str, sweep: str, storage_path: str | None = None) -> Path
     """
     database = hashlib.sha256(redact_url(db_url).encode()).hexdigest()[:16]
     return storage_dir(storage_path) / "results" / database / sweep
+
+
+def check_local_resources(spec: spec_module.SweepSpec) -> None:
+    """Refuse, before anything is written or started, GPUs this machine does not have.
+
+    Only for a local Ray (the cluster's GPUs are known once connected).
+    """
+    wanted = spec.resources.gpus_per_trial
+    if not wanted:
+        return
+    import torch
+
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if wanted > have:
+        raise BadInput(f"resources.gpus_per_trial is {wanted:g} but this machine has {have} "
+                       "GPU(s); set it to 0 (or remove it) to run on CPU, or launch on a "
+                       "cluster with --address")
 
 
 def plan(spec: spec_module.SweepSpec, spec_path: str | None, db_url: str,

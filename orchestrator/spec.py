@@ -20,11 +20,46 @@ from orchestrator.errors import SpecError, did_you_mean
 
 MAX_TRIALS = 10_000
 MAX_SPEC_BYTES = 1_000_000
+# YAML aliases share nodes; a spec whose aliases expand past this many values is refused
+# before anything walks it (a 1 KB "billion laughs" would otherwise take minutes and GBs).
+MAX_SPEC_NODES = 100_000
 BASELINE_METHOD = "none"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: a rate written as "0.5" or true is a mistake to report, not a value to coerce
+    # (coercion would also hide it from the range and duplicate checks).
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses a mapping with the same key twice (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {first}); a later one "
+                    "would silently replace it", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError as exc:  # e.g. more digits than Python converts
+            raise yaml.constructor.ConstructorError(
+                None, None, f"integer {node.value[:20]}… cannot be read: "
+                f"{str(exc).split(':')[0].lower()}", node.start_mark) from None
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
 
 
 class ModelEntry(_Strict):
@@ -137,14 +172,19 @@ def load(path: str | Path, check_sources: bool = True) -> SweepSpec:
     """Read and validate a spec file; raise :class:`SpecError` listing every problem."""
     path = Path(path)
     try:
-        raw_bytes = path.read_bytes()
-    except FileNotFoundError:
-        raise SpecError([f"spec file not found: {path}"]) from None
+        if not path.is_file():
+            if not path.exists():
+                raise SpecError([f"spec file not found: {path}"])
+            raise SpecError(["not a regular file; give the path of a YAML spec"],
+                            source=str(path))
+        size = path.stat().st_size
+        with path.open("rb") as handle:  # never more than the limit, whatever stat said
+            raw_bytes = handle.read(MAX_SPEC_BYTES + 1)
     except OSError as exc:
         raise SpecError([f"cannot read spec file {path}: {exc.strerror}"]) from None
     if len(raw_bytes) > MAX_SPEC_BYTES:
-        raise SpecError([f"spec is {len(raw_bytes):,} bytes; a sweep spec must be under "
-                         f"{MAX_SPEC_BYTES:,} bytes"], source=str(path))
+        raise SpecError([f"spec is {max(size, len(raw_bytes)):,} bytes; a sweep spec must be "
+                         f"under {MAX_SPEC_BYTES:,} bytes"], source=str(path))
     try:
         text = raw_bytes.decode("utf-8")
     except UnicodeDecodeError:
@@ -155,13 +195,16 @@ def load(path: str | Path, check_sources: bool = True) -> SweepSpec:
 def loads(text: str, source: str = "<spec>", check_sources: bool = True) -> SweepSpec:
     """Validate spec text; ``check_sources`` also checks that models and datasets exist."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        _check_depth(text)
+        node = yaml.compose(text, Loader=_UniqueKeyLoader)
+        _check_size(node)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise SpecError([f"{where}invalid YAML: {problem}"], source=source) from None
+        raise SpecError([_yaml_problem(exc, text)], source=source) from None
+    except SpecError as exc:
+        raise SpecError(exc.problems, source=source) from None
+    except RecursionError:  # pragma: no cover - _check_depth refuses deep specs first
+        raise SpecError(["invalid YAML: the spec nests too deeply"], source=source) from None
     lines = _line_index(node)
     if not isinstance(data, dict):
         raise SpecError(["the spec must be a YAML mapping with name, models, methods, "
@@ -182,6 +225,67 @@ def loads(text: str, source: str = "<spec>", check_sources: bool = True) -> Swee
         raise SpecError([f"the grid has {total:,} trials; at most {MAX_TRIALS:,} per sweep — "
                          "split it into several specs"], source=source)
     return spec
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
+    """One located line for a YAML error (reader errors carry a position, not a mark)."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is not None:
+        line = mark.line + 1
+    elif isinstance(getattr(exc, "position", None), int):
+        line = text.count("\n", 0, exc.position) + 1  # type: ignore[attr-defined]
+    else:
+        line = None
+    if isinstance(exc, yaml.reader.ReaderError):
+        problem = f"character {exc.character!r} is not allowed in YAML"
+    else:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"line {line}: invalid YAML: {problem}" if line else f"invalid YAML: {problem}"
+
+
+MAX_SPEC_DEPTH = 64
+
+
+def _check_depth(text: str) -> None:
+    """Refuse deeply nested YAML before composing it (composing recurses per level)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):  # an event stream: no recursion
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_SPEC_DEPTH:
+                raise SpecError([f"line {event.start_mark.line + 1}: invalid YAML: nested more "
+                                 f"than {MAX_SPEC_DEPTH} levels deep"])
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+def _check_size(node: yaml.Node | None) -> None:
+    """Refuse self-referencing aliases and specs whose aliases expand past MAX_SPEC_NODES."""
+    sizes: dict[int, int] = {}
+    visiting: set[int] = set()
+
+    def size(n: yaml.Node) -> int:
+        key = id(n)
+        if key in sizes:
+            return sizes[key]
+        if key in visiting:
+            raise SpecError([f"line {n.start_mark.line + 1}: invalid YAML: an alias refers to "
+                             "the value that contains it"])
+        visiting.add(key)
+        total = 1
+        if isinstance(n, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in n.value)
+        elif isinstance(n, yaml.SequenceNode):
+            total += sum(size(item) for item in n.value)
+        visiting.discard(key)
+        sizes[key] = min(total, MAX_SPEC_NODES + 1)
+        if total > MAX_SPEC_NODES:
+            raise SpecError([f"line {n.start_mark.line + 1}: invalid YAML: the spec expands to "
+                             f"more than {MAX_SPEC_NODES:,} values (YAML aliases?)"])
+        return sizes[key]
+
+    if node is not None:
+        size(node)
 
 
 def _pydantic_message(err: dict[str, Any], model: type[BaseModel] | None = None) -> str:
@@ -303,7 +407,7 @@ def _semantic_problems(data: dict[str, Any], check_sources: bool) -> list[tuple[
                             for err in exc.errors():
                                 problems.append((("methods", i, "params", *err["loc"]),
                                                  _pydantic_message(err, config_cls)))
-                key = json.dumps([name, entry.get("params", {})], sort_keys=True, default=str)
+                key = _stable_json([name, entry.get("params", {})])
                 if key in seen_methods:
                     problems.append((("methods", i), f"duplicate of methods[{seen_methods[key]}]"
                                      " (same name and params): merge their rates"))
@@ -361,15 +465,33 @@ def _semantic_problems(data: dict[str, Any], check_sources: bool) -> list[tuple[
     return problems
 
 
+def _stable_json(obj: Any) -> str:
+    """Canonical JSON of YAML data whose mapping keys may be of mixed types."""
+    def keys_as_text(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {repr(k) if not isinstance(k, str) else k: keys_as_text(v)
+                    for k, v in value.items()}
+        if isinstance(value, list):
+            return [keys_as_text(v) for v in value]
+        return value
+
+    return json.dumps(keys_as_text(obj), sort_keys=True, default=str)
+
+
 def _duplicate_problems(data: dict[str, Any], section: str, field: str) -> list[tuple[tuple, str]]:
     entries = data.get(section)
     if not isinstance(entries, list):
         return []
+    entry_model = {"models": ModelEntry, "datasets": DatasetEntry}[section]
     seen: dict[str, int] = {}
     out = []
     for i, entry in enumerate(entries):
         if isinstance(entry, dict) and isinstance(entry.get(field), str):
-            key = json.dumps(entry, sort_keys=True, default=str)
+            try:
+                # Compared with defaults filled in: spelling a default out is the same entry.
+                key = _stable_json(entry_model.model_validate(entry).model_dump(mode="json"))
+            except ValidationError:
+                key = _stable_json(entry)
             if key in seen:
                 out.append(((section, i), f"duplicate of {section}[{seen[key]}]"))
             seen[key] = i

@@ -6,6 +6,7 @@ Heavy libraries (torch, transformers, ray, sqlalchemy) are imported inside comma
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -57,8 +58,39 @@ def _exception_classes(name: str) -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+def _password_out_of_argv(args: list[str]) -> None:
+    """Re-run this command with a ``--db`` URL's password moved from argv to the environment.
+
+    A process's command line is world-readable (``ps``), and Ray stores the driver's command
+    line as the job's entrypoint, shown on the dashboard's Jobs page. Environment variables
+    are readable by the same user only, and the launch removes ``SWEEP_DB_URL`` before Ray
+    starts, so workers do not inherit it.
+    """
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return
+        if arg == "--db" and i + 1 < len(args):
+            url, rest = args[i + 1], args[:i] + args[i + 2:]
+        elif arg.startswith("--db="):
+            url, rest = arg.removeprefix("--db="), args[:i] + args[i + 1:]
+        else:
+            continue
+        try:
+            from sqlalchemy.engine import make_url
+
+            has_password = bool(make_url(url).password)
+        except Exception:  # noqa: BLE001 - a malformed URL is reported by the command itself
+            return
+        if has_password:
+            env = dict(os.environ, SWEEP_DB_URL=url)
+            os.execve(sys.executable, [sys.executable, "-m", "orchestrator.cli.main", *rest], env)
+        return
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; domain errors become one line on stderr with exit code 2 (input) or 1."""
+    if argv is None:
+        _password_out_of_argv(sys.argv[1:])
     abort = _exception_classes("Abort")
     click_error = _exception_classes("ClickException")
     click_exit = _exception_classes("Exit")

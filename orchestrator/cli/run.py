@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -56,6 +57,8 @@ def launch(
     from orchestrator.db.engine import redact_url
 
     db_url = ctx.obj["db"]
+    # Ray's processes inherit this process's environment; the URL may carry a password.
+    os.environ.pop("SWEEP_DB_URL", None)
     spec = spec_module.load(spec_path)
     console = make_console(stderr=True)
     for model in spec.models:
@@ -70,6 +73,8 @@ def launch(
         if text is not None:
             print(text)
         return
+    if address is None:
+        service.check_local_resources(spec)
     planned = service.plan(spec, str(spec_path), db_url, retry_failed=retry_failed)
     skipped = len(planned.trials) - len(planned.to_run) - len(planned.busy)
     console.print(f"sweep [bold]{spec.name}[/]: {len(planned.trials)} trials, "

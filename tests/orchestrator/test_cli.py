@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -43,6 +45,21 @@ def test_launch_of_bad_spec_writes_nothing(tmp_path):
     bad.write_text("name: x\nmodels: [{id: builtin:tiny-llama}]\ndatasets: [{name: nope}]\n")
     out = cli("--db", f"sqlite:///{tmp_path / 'r.db'}", "launch", str(bad))
     assert out.returncode == 2 and "datasets[0].name" in out.stderr
+    assert not (tmp_path / "r.db").exists()
+
+
+def test_gpus_this_machine_lacks_are_refused_before_anything_is_written(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    spec = tmp_path / "gpu.yaml"
+    spec.write_text("name: x\nmodels: [{id: builtin:tiny-llama}]\n"
+                    "datasets: [{name: builtin:pydoc}]\nresources: {gpus_per_trial: 1}\n")
+    out = cli("--db", f"sqlite:///{tmp_path / 'r.db'}", "launch", str(spec))
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("error: resources.gpus_per_trial is 1 but this machine has 0 ")
+    assert len(out.stderr.splitlines()) == 1 and "Traceback" not in out.stderr
     assert not (tmp_path / "r.db").exists()
 
 

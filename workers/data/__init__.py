@@ -40,6 +40,9 @@ def check_dataset(name: str, split: str | None) -> DatasetCheck:
         return DatasetCheck(True)
     path = Path(name).expanduser()
     if path.suffix == ".txt" or path.exists():
+        if path.is_dir():
+            return DatasetCheck(False, f"dataset {name} is a directory; give the path of a "
+                                       ".txt file")
         if not path.is_file():
             return DatasetCheck(False, f"dataset file {name} does not exist")
         try:
