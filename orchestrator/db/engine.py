@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 DEFAULT_URL = "sqlite:///sweeps.db"
 SQLITE_BUSY_TIMEOUT_S = 30.0
 VERSION_TABLE = "alembic_version"
+# Any constant shared by every compress-sweep process ("csweep" in ASCII).
+MIGRATION_LOCK_ID = 0x637377656570
 
 _engines: dict[tuple[int, str], Engine] = {}
 _engines_lock = threading.Lock()
@@ -227,6 +229,10 @@ def _migration_connection(engine: Engine) -> Iterator[Connection]:
             raw.execute("PRAGMA foreign_keys = OFF")
         try:
             with conn.begin():
+                if engine.dialect.name == "postgresql":
+                    # Two launches on an empty database would both create the schema (and
+                    # collide in the catalog); the second waits here, then finds it at head.
+                    conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")
                 yield conn
                 if sqlite:
                     broken = conn.exec_driver_sql("PRAGMA foreign_key_check").fetchall()

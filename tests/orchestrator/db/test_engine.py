@@ -273,3 +273,4 @@ def test_a_file_that_is_not_a_database_is_one_line(db_url: str) -> None:
     path.write_text("name,score\nfoo,1\n" * 200)
     with pytest.raises(SweepError, match=r"^cannot open the results database at .*: file is not"):
         ensure_schema(db_url, create=False)
+
