@@ -218,12 +218,12 @@ def test_record_result_twice_is_idempotent(
         record_result(session, "s1", key, result)
     with session_scope(engine) as session:
         once = _snapshot(session, key)
-        ids = sorted(session.scalars(select(Metric.id)))
     with session_scope(engine, write=True) as session:
         record_result(session, "s1", key, result)
     with session_scope(engine) as session:
+        # Same content and counts (row ids of metrics are not referenced anywhere and may be
+        # renewed by a rewrite).
         assert _snapshot(session, key) == once
-        assert sorted(session.scalars(select(Metric.id))) == ids
         assert _count(session, Metric) == 2
         assert _count(session, Evidence) == 1
         assert _count(session, Environment) == 1
