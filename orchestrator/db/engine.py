@@ -63,12 +63,31 @@ def _create_private_file(path: Path) -> None:
     # Results can name unpublished models and hosts; nobody but the owner needs to read them.
     # SQLite creates a missing file with the umask's permissions (usually world-readable), so
     # the file is created here first; SQLite gives the -wal and -shm files the same mode.
+    # It is also switched to WAL before it appears: switching needs an exclusive lock, and a
+    # process that opened the new file meanwhile (two launches started together) could get
+    # "database is locked" without the busy timeout being applied. WAL mode is stored in the
+    # file, so every later connection finds it set; the file appears atomically (a hard
+    # link fails if another process won).
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
+    if path.exists():
         return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.close(fd)
+    try:
+        import sqlite3
+
+        conn = sqlite3.connect(tmp)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+        finally:
+            conn.close()
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:
