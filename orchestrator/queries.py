@@ -7,12 +7,12 @@ without re-running them.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Float, Row, Select, and_, case, func, literal, select, union_all
+from sqlalchemy.orm import Session, aliased
 
 from orchestrator.db.models import TRIAL_STATUSES, Environment, Metric, Sweep, Trial
 from orchestrator.errors import BadInput, did_you_mean
@@ -163,12 +163,16 @@ def leaderboard(
     metric: str = "score",
     sweep: str | None = None,
     include_failed: bool = False,
+    limit: int | None = None,
 ) -> list[dict[str, Any]]:
     """One row per finished trial (failed ones only with ``include_failed``), best first.
 
     ``metric`` is ``score`` (default), ``perf_norm``, ``speed_norm`` or any stored metric
-    name; rows lacking it go last. Stored metrics sort by their stored direction (higher if
-    none is stored). Row keys: ``sweep``, ``model``, ``method``, ``rate``, ``dataset``,
+    name; rows lacking it go last, and ties keep the grid order (sweep, position). Stored
+    metrics sort by the direction most of the listed rows store for them (higher if none
+    is stored). ``limit`` keeps only the first ``limit`` rows of that order; they are ranked
+    in the database and only they are built, so ``--top 20`` stays fast over many results.
+    Row keys: ``sweep``, ``model``, ``method``, ``rate``, ``dataset``,
     ``params``, ``position``, ``trial_key``, ``status``, ``is_baseline``, ``error_type``,
     ``score``, ``perf_norm``, ``speed_norm``, ``metrics`` ({name: value}) and
     ``directions`` ({name: direction}).
@@ -179,9 +183,234 @@ def leaderboard(
     hardware fingerprint. Failed trials never get a score. An unknown ``metric`` raises
     :class:`BadInput` listing the available names.
     """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of rows, not {limit!r}")
     sweeps = _sweeps(session, sweep)
     by_id = {s.id: s for s in sweeps}
-    trials = session.execute(
+    sweep_ids = list(by_id)
+    shown = ("done", "failed", "timed_out") if include_failed else ("done",)
+    if metric not in COMPUTED_METRICS:
+        _check_metric(session, metric, sweep_ids)
+    if not sweeps:
+        return []
+    baselines = _baselines(session, sweep_ids)
+    if metric in COMPUTED_METRICS:
+        order = _rank_computed(session, metric, sweeps, baselines, limit)
+    else:
+        higher = _higher_is_better(session, metric, sweep_ids, shown)
+        order = _rank_stored(session, metric, sweep_ids, shown, higher, limit)
+    if limit is None or len(order) < limit:
+        missing = None if limit is None else limit - len(order)
+        order += _unranked(session, sweep_ids, shown, set(order), missing)
+    return _rows(session, by_id, shown, baselines, order)
+
+
+# The leaderboard ranks in SQL and builds rows only for the trials it returns: loading every
+# trial and metric into Python took seconds over 100,000 results. Ties, and the rows lacking
+# the metric, keep the grid order (sweep id, position, trial id) in every query.
+_GRID_ORDER = (Trial.sweep_id, Trial.position, Trial.id)
+# Up to this many rows are built from id lists; more (no limit) are read sweep by sweep.
+_BY_ID_ROWS = 500
+
+
+def _check_metric(session: Session, metric: str, sweep_ids: list[int]) -> None:
+    known = session.scalar(
+        select(Metric.id)
+        .join(Trial, Metric.trial_id == Trial.id)
+        .where(Metric.name == metric, Trial.sweep_id.in_(sweep_ids))
+        .limit(1)
+    )
+    if known is not None:
+        return
+    names = session.scalars(
+        select(Metric.name)
+        .join(Trial, Metric.trial_id == Trial.id)
+        .where(Trial.sweep_id.in_(sweep_ids))
+        .distinct()
+    )
+    available = set(COMPUTED_METRICS) | set(names)
+    raise BadInput(
+        f"unknown metric {metric!r}{did_you_mean(metric, available)}; "
+        f"available: {', '.join(sorted(available))}"
+    )
+
+
+def _baselines(session: Session, sweep_ids: list[int]) -> dict[tuple[int, str, str], Row]:
+    """The baseline of each (sweep, model, dataset): ``id`` and ``hardware_fingerprint``."""
+    rows = session.execute(
+        select(Trial.id, Trial.sweep_id, Trial.model, Trial.dataset,
+               Environment.hardware_fingerprint)
+        .outerjoin(Environment, Trial.environment_id == Environment.id)
+        .where(Trial.sweep_id.in_(sweep_ids), Trial.status == "done", Trial.is_baseline)
+        .order_by(*_GRID_ORDER)
+    ).all()
+    found: dict[tuple[int, str, str], Row] = {}
+    for row in rows:
+        # The first baseline of a pair in grid order wins should there be several.
+        found.setdefault((row.sweep_id, row.model, row.dataset), row)
+    return found
+
+
+def _higher_is_better(
+    session: Session, metric: str, sweep_ids: list[int], shown: tuple[str, ...]
+) -> bool:
+    """The direction most listed rows store for ``metric``; on a tie, the first row's.
+
+    A metric's direction comes from its evaluator, so the stored directions nearly always
+    agree: one look at the index settles it, and only mixed directions need the count.
+    """
+    stored = set(session.scalars(
+        select(Metric.direction)
+        .where(Metric.name == metric, Metric.direction.is_not(None))
+        .distinct()
+    ))
+    if "lower" not in stored:  # higher or nothing stored: higher either way
+        return True
+    listed = (
+        select(Metric.direction)
+        .join(Trial, Metric.trial_id == Trial.id)
+        .where(Metric.name == metric, Metric.direction.is_not(None),
+               Trial.sweep_id.in_(sweep_ids), Trial.status.in_(shown))
+    )
+    if "higher" not in stored:  # lower, unless no listed row stores a direction
+        return session.scalar(listed.limit(1)) is None
+    counts = dict(session.execute(
+        listed.with_only_columns(Metric.direction, func.count()).group_by(Metric.direction)
+    ).all())
+    higher, lower = counts.get("higher", 0), counts.get("lower", 0)
+    if higher != lower:
+        return higher > lower
+    return higher == 0 or session.scalar(listed.order_by(*_GRID_ORDER).limit(1)) == "higher"
+
+
+def _rank_stored(
+    session: Session, metric: str, sweep_ids: list[int], shown: tuple[str, ...],
+    higher: bool, limit: int | None,
+) -> list[int]:
+    """Ids of the listed trials with a value of ``metric``, best first."""
+    best_first = Metric.value.desc() if higher else Metric.value.asc()
+    query = (
+        select(Trial.id)
+        .join(Metric, and_(Metric.trial_id == Trial.id, Metric.name == metric))
+        .where(Trial.sweep_id.in_(sweep_ids), Trial.status.in_(shown),
+               Metric.value.is_not(None))
+        .order_by(best_first, *_GRID_ORDER)
+        .limit(limit)
+    )
+    return list(session.scalars(query))
+
+
+def _rank_computed(
+    session: Session, metric: str, sweeps: list[Sweep],
+    baselines: dict[tuple[int, str, str], Row], limit: int | None,
+) -> list[int]:
+    """Ids of the finished trials with a value of the computed ``metric``, best first."""
+    # One query part per (quality metric, weight) of the sweeps' specs, so that the metric
+    # names are constants (the (name, ...) index serves them) and the weight a literal.
+    groups: dict[tuple[str, float], set[int]] = defaultdict(set)
+    for s in sweeps:
+        groups[_score_settings(s.spec)].add(s.id)
+    parts = []
+    for (quality, weight), sweep_ids in groups.items():
+        base_ids = [b.id for (sweep_id, _, _), b in baselines.items() if sweep_id in sweep_ids]
+        if base_ids:
+            parts.append(_computed_values(metric, quality, weight, base_ids))
+    if not parts:
+        return []
+    ranked = (parts[0] if len(parts) == 1 else union_all(*parts)).subquery("ranked")
+    query = (
+        select(ranked.c.id)
+        .order_by(ranked.c.value.desc(), ranked.c.sweep_id, ranked.c.position, ranked.c.id)
+        .limit(limit)
+    )
+    return list(session.scalars(query))
+
+
+def _nonzero(value: Any) -> Any:
+    # Typed, so that SQLAlchemy casts the divisor to FLOAT: untyped it casts it to NUMERIC
+    # on PostgreSQL, which rounds a double to 15 digits.
+    return func.nullif(value, 0.0, type_=Float)
+
+
+def _computed_values(metric: str, quality: str, weight: float, base_ids: list[int]) -> Select:
+    """``(id, sweep_id, position, value)`` of every finished trial with a baseline among
+    ``base_ids`` and a value of ``metric`` (score, perf_norm or speed_norm).
+
+    The arithmetic is that of :func:`perf_norm`, :func:`speed_norm` and :func:`score`,
+    operation for operation in IEEE doubles, so the database orders and ties rows exactly
+    as Python would; the values shown are then computed by those functions. (PostgreSQL
+    refuses a ratio beyond the range of a double, where Python would give inf or 0: no
+    real metric comes within hundreds of orders of magnitude of that.)
+    """
+    b, t = aliased(Trial, name="b"), aliased(Trial, name="t")
+    bq, bs, q, s = (aliased(Metric, name=name) for name in ("bq", "bs", "q", "s"))
+    be, e = aliased(Environment, name="be"), aliased(Environment, name="e")
+    base = (
+        select(b.sweep_id, b.model, b.dataset, bq.value.label("quality"),
+               bq.direction.label("direction"), bs.value.label("tpt"),
+               be.hardware_fingerprint.label("hardware"))
+        .outerjoin(bq, and_(bq.trial_id == b.id, bq.name == quality))
+        .outerjoin(bs, and_(bs.trial_id == b.id, bs.name == SPEED_METRIC))
+        .outerjoin(be, be.id == b.environment_id)
+        .where(b.id.in_(base_ids))
+        .subquery("base")
+    )
+    query = select(t.id, t.sweep_id, t.position).select_from(base).join(t, and_(
+        t.sweep_id == base.c.sweep_id, t.status == "done",
+        t.model == base.c.model, t.dataset == base.c.dataset,
+    ))
+    # Only the metrics the value needs are joined: each join is a lookup per trial.
+    if metric != "speed_norm":
+        query = query.outerjoin(q, and_(q.trial_id == t.id, q.name == quality))
+        direction = func.coalesce(q.direction, base.c.direction)
+        perf = case(
+            (direction == "higher", q.value / _nonzero(base.c.quality)),
+            (direction == "lower", base.c.quality / _nonzero(q.value)),
+        )
+    if metric != "perf_norm":
+        query = query.outerjoin(s, and_(s.trial_id == t.id, s.name == SPEED_METRIC))
+        query = query.outerjoin(e, e.id == t.environment_id)
+        speed = case(
+            (e.hardware_fingerprint == base.c.hardware, 1.0 - s.value / _nonzero(base.c.tpt)),
+        )
+    if metric == "perf_norm":
+        value = perf
+    elif metric == "speed_norm":
+        value = speed
+    else:
+        value = literal(weight, Float) * perf + literal(1.0 - weight, Float) * speed
+    # OFFSET 0 keeps this a subquery of its own on both backends, so the expression is
+    # computed once per row rather than once for the filter and again for the sort key.
+    scored = query.add_columns(value.label("value")).offset(0).subquery("scored")
+    ranked = scored.c.value
+    if metric == "score":
+        ranked = case((scored.c.value > 0.0, scored.c.value), else_=0.0)  # max(…, 0)
+    return select(scored.c.id, scored.c.sweep_id, scored.c.position, ranked.label("value")).where(
+        scored.c.value.is_not(None)
+    )
+
+
+def _unranked(
+    session: Session, sweep_ids: list[int], shown: tuple[str, ...], ranked: set[int],
+    count: int | None,
+) -> list[int]:
+    """The first ``count`` (all if None) listed trials outside ``ranked``, in grid order."""
+    query = (
+        select(Trial.id)
+        .where(Trial.sweep_id.in_(sweep_ids), Trial.status.in_(shown))
+        .order_by(*_GRID_ORDER)
+        # At most len(ranked) of the first count + len(ranked) rows are ranked ones.
+        .limit(None if count is None else count + len(ranked))
+    )
+    return [i for i in session.scalars(query) if i not in ranked][:count]
+
+
+def _rows(
+    session: Session, by_id: dict[int, Sweep], shown: tuple[str, ...],
+    baselines: dict[tuple[int, str, str], Row], order: list[int],
+) -> list[dict[str, Any]]:
+    """The leaderboard rows of the trials ``order`` names, in that order."""
+    trial_query = (
         select(
             Trial.id,
             Trial.sweep_id,
@@ -198,39 +427,30 @@ def leaderboard(
             Environment.hardware_fingerprint,
         )
         .outerjoin(Environment, Trial.environment_id == Environment.id)
-        .where(Trial.sweep_id.in_(by_id))
-        .order_by(Trial.sweep_id, Trial.position, Trial.id)
-    ).all()
+    )
+    metric_query = select(Metric.trial_id, Metric.name, Metric.value, Metric.direction)
+    if len(order) <= _BY_ID_ROWS:
+        trials = session.execute(trial_query.where(Trial.id.in_(order))).all()
+        needed = set(order) | {
+            b.id for t in trials if (b := baselines.get((t.sweep_id, t.model, t.dataset)))
+        }
+        metric_query = metric_query.where(Metric.trial_id.in_(needed))
+    else:
+        # Every listed trial of the sweeps (baselines are finished, so they are among them).
+        listed = (Trial.sweep_id.in_(by_id), Trial.status.in_(shown))
+        trials = session.execute(trial_query.where(*listed)).all()
+        metric_query = metric_query.join(Trial, Metric.trial_id == Trial.id).where(*listed)
 
     values: dict[int, dict[str, float | None]] = defaultdict(dict)
     directions: dict[int, dict[str, str | None]] = defaultdict(dict)
-    metric_rows = session.execute(
-        select(Metric.trial_id, Metric.name, Metric.value, Metric.direction)
-        .join(Trial, Metric.trial_id == Trial.id)
-        .where(Trial.sweep_id.in_(by_id))
-    ).all()
-    for trial_id, name, value, direction in metric_rows:
+    # By name, as Trial.metrics lists them, so the keys come in the same order on every backend.
+    ordered = metric_query.order_by(Metric.trial_id, Metric.name)
+    for trial_id, name, value, direction in session.execute(ordered):
         values[trial_id][name] = value
         directions[trial_id][name] = direction
 
-    available = set(COMPUTED_METRICS) | {n for names in values.values() for n in names}
-    if metric not in available:
-        raise BadInput(
-            f"unknown metric {metric!r}{did_you_mean(metric, available)}; "
-            f"available: {', '.join(sorted(available))}"
-        )
-
-    baselines: dict[tuple[int, str, str], Any] = {}
+    built: dict[int, dict[str, Any]] = {}
     for t in trials:
-        if t.is_baseline and t.status == "done":
-            # Ordered by position: the first baseline of a pair wins should there be several.
-            baselines.setdefault((t.sweep_id, t.model, t.dataset), t)
-
-    shown = ("done", "failed", "timed_out") if include_failed else ("done",)
-    rows: list[dict[str, Any]] = []
-    for t in trials:
-        if t.status not in shown:
-            continue
         perf = speed = total = None
         base = baselines.get((t.sweep_id, t.model, t.dataset))
         if t.status == "done" and base is not None:
@@ -248,49 +468,25 @@ def leaderboard(
                     values[t.id].get(SPEED_METRIC), values[base.id].get(SPEED_METRIC)
                 )
             total = score(perf, speed, weight)
-        rows.append(
-            {
-                "sweep": by_id[t.sweep_id].name,
-                "model": t.model,
-                "method": t.method,
-                "rate": t.rate,
-                "dataset": t.dataset,
-                "params": t.params,
-                "position": t.position,
-                "trial_key": t.trial_key,
-                "status": t.status,
-                "is_baseline": t.is_baseline,
-                "error_type": t.error_type,
-                "score": total,
-                "perf_norm": perf,
-                "speed_norm": speed,
-                "metrics": dict(values[t.id]),
-                "directions": dict(directions[t.id]),
-            }
-        )
-    return _sorted(rows, metric)
-
-
-def _sorted(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    if metric in COMPUTED_METRICS:
-        higher = True
-
-        def value_of(row: dict[str, Any]) -> float | None:
-            return row[metric]
-    else:
-        stored = Counter(
-            row["directions"][metric] for row in rows if row["directions"].get(metric)
-        )
-        higher = not stored or stored.most_common(1)[0][0] == "higher"
-
-        def value_of(row: dict[str, Any]) -> float | None:
-            return row["metrics"].get(metric)
-
-    keyed = [(value, r) for r in rows if (value := value_of(r)) is not None]
-    missing = [r for r in rows if value_of(r) is None]
-    # sort() is stable (also reversed), so ties and missing rows keep the sweep/grid order.
-    keyed.sort(key=lambda pair: pair[0], reverse=higher)
-    return [r for _, r in keyed] + missing
+        built[t.id] = {
+            "sweep": by_id[t.sweep_id].name,
+            "model": t.model,
+            "method": t.method,
+            "rate": t.rate,
+            "dataset": t.dataset,
+            "params": t.params,
+            "position": t.position,
+            "trial_key": t.trial_key,
+            "status": t.status,
+            "is_baseline": t.is_baseline,
+            "error_type": t.error_type,
+            "score": total,
+            "perf_norm": perf,
+            "speed_norm": speed,
+            "metrics": dict(values[t.id]),
+            "directions": dict(directions[t.id]),
+        }
+    return [built[i] for i in order]
 
 
 MIN_KEY_PREFIX = 4

@@ -60,10 +60,9 @@ def print_leaderboard(db_url: str, *, metric: str, sweep: str | None, fmt: Forma
     from orchestrator import queries
 
     with read_session(db_url) as session:
+        # The database ranks; only the best `top` rows are read and built.
         rows = queries.leaderboard(session, metric=metric, sweep=sweep,
-                                   include_failed=include_failed)
-    if top is not None:
-        rows = rows[:top]
+                                   include_failed=include_failed, limit=top)
     shown = ["perplexity", "decode_ms_per_token", "params"]
     if metric != "score" and metric not in shown:
         shown.insert(0, metric)

@@ -169,8 +169,14 @@ class Trial(Base):
     __table_args__ = (
         UniqueConstraint("sweep_id", "trial_key"),
         CheckConstraint(f"status IN ({_sql_in(TRIAL_STATUSES)})", name="status"),
-        # `sweep status` and the driver's resume both filter one sweep by status.
-        Index("ix_trials_sweep_id_status", "sweep_id", "status"),
+        # `sweep status` and the driver's resume filter one sweep by status (the first two
+        # columns). The leaderboard finds the baselines and joins each one to the finished
+        # trials of its sweep, model and dataset from this index alone: the other columns are
+        # what it reads (id too: PostgreSQL's index-only scans need every column returned).
+        Index(
+            "ix_trials_sweep_id_status_model_dataset", "sweep_id", "status", "model", "dataset",
+            "is_baseline", "environment_id", "position", "id",
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -235,6 +241,10 @@ class Metric(Base):
     __table_args__ = (
         UniqueConstraint("trial_id", "name"),
         CheckConstraint(f"direction IN ({_sql_in(DIRECTIONS)})", name="direction"),
+        # The leaderboard: the best values of a metric in order (a top-N stops early), all
+        # values of the score's metrics in one pass, and a metric's stored directions, each
+        # read from this index alone.
+        Index("ix_metrics_name_value", "name", "value", "trial_id", "direction"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

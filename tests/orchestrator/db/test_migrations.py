@@ -111,9 +111,11 @@ def test_constraint_names_follow_the_naming_convention(db_url: str) -> None:
         "fk_trials_driver_id_drivers"}
     assert {c["name"] for c in inspector.get_check_constraints("trials")} == {"ck_trials_status"}
     assert _index_names(inspector, "trials") == {
-        "ix_trials_sweep_id_status", "ix_trials_environment_id", "ix_trials_driver_id"}
+        "ix_trials_sweep_id_status_model_dataset", "ix_trials_environment_id",
+        "ix_trials_driver_id"}
     assert {u["name"] for u in inspector.get_unique_constraints("metrics")} == {
         "uq_metrics_trial_id_name"}
+    assert _index_names(inspector, "metrics") == {"ix_metrics_name_value"}
     assert _index_names(inspector, "environments") == {"ix_environments_hardware_fingerprint"}
 
 
@@ -266,6 +268,10 @@ def test_downgrade_to_first_release_keeps_rows_and_maps_timed_out(db_url: str) -
                                                                      failure_reason="timed_out"))
     downgrade(db_url, "0001_initial")
     assert "drivers" not in _tables(engine)
+    inspector = inspect(engine)
+    assert _index_names(inspector, "trials") == {
+        "ix_trials_sweep_id_status", "ix_trials_environment_id"}
+    assert _index_names(inspector, "metrics") == set()
     with engine.connect() as conn:
         rows = dict(conn.execute(sa.text("SELECT id, status FROM trials")).all())
         assert rows == {1: "done", 2: "failed", 3: "failed"}

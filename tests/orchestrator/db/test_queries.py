@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -253,3 +255,307 @@ def test_score_formula(
     perf: float | None, speed: float | None, weight: float, expected: float | None
 ) -> None:
     assert queries.score(perf, speed, weight) == pytest.approx(expected)
+
+
+# --------------------------------------------------------------------------- ranked in SQL
+# leaderboard() ranks in the database and builds only the rows it returns. These tests hold
+# it to a plain computation over everything stored: load all trials and metrics, compute
+# each row, sort in Python, slice.
+
+HARDWARE = ({"cpu": "x86_64", "gpus": ["A100"]}, {"cpu": "x86_64", "gpus": ["H100"]},
+            {"cpu": "arm64", "gpus": []})
+# (name, score settings): two sweeps share the default settings, two have their own.
+RANDOM_SWEEPS = (
+    ("grid", {"quality_metric": "perplexity", "weight": 0.5}),
+    ("acc", {"quality_metric": "accuracy", "weight": 0.8}),
+    ("defaults", None),
+    ("speedy", {"quality_metric": "perplexity", "weight": 0.25}),
+)
+# Few distinct values, so equal scores and equal metric values are common.
+PPL = (10.0, 12.5, 20.0, 40.0)
+TPT = (4.0, 6.0, 8.0, 16.0)
+ACC = (0.25, 0.5, 0.75)
+
+
+def _random_value(rng: Any, choices: tuple[float, ...]) -> float | None:
+    draw = rng.random()
+    if draw < 0.06:
+        return None  # stored as NULL
+    if draw < 0.09:
+        return math.nan  # stored as NULL with a note
+    if draw < 0.11:
+        return 0.0  # a zero baseline or quality: no ratio
+    return rng.choice(choices)
+
+
+def _random_metrics(rng: Any) -> dict[str, tuple[float | None, str | None]]:
+    metrics: dict[str, tuple[float | None, str | None]] = {}
+    # The quality metric's direction is sometimes missing: the baseline's stands in.
+    ppl_direction = None if rng.random() < 0.05 else "lower"
+    candidates = {
+        "perplexity": (_random_value(rng, PPL), ppl_direction),
+        "decode_ms_per_token": (_random_value(rng, TPT), "lower"),
+        "accuracy": (_random_value(rng, ACC), None if rng.random() < 0.05 else "higher"),
+        # A metric whose stored direction varies from trial to trial.
+        "mixed": (rng.choice((1.0, 2.0, 3.0)), rng.choice(("higher", "lower", None))),
+        "ties": (1.0, "lower"),
+    }
+    for name, entry in candidates.items():
+        if rng.random() < 0.9:  # metrics go missing too
+            metrics[name] = entry
+    return metrics
+
+
+def _random_database(engine: Engine, make_result: ResultFactory, seed: int) -> None:
+    """Four sweeps of ~80 trials: several models, datasets and hardware, missing and
+    duplicate baselines, reused positions, every status, NULL and zero values, ties."""
+    import random
+
+    rng = random.Random(seed)
+    for sweep_name, settings in RANDOM_SWEEPS:
+        rows: list[dict[str, Any]] = []
+        outcomes: dict[str, dict[str, Any] | None] = {}
+        for model in ("llama", "qwen", "mamba"):
+            for dataset in ("wikitext", "c4"):
+                base_hw = rng.randrange(len(HARDWARE))
+                n_baselines = rng.choices((0, 1, 2), weights=(1, 8, 1))[0]
+                n_trials = rng.randrange(6, 16)
+                for i in range(n_baselines + n_trials):
+                    is_base = i < n_baselines
+                    key = f"{sweep_name}|{model}|{dataset}|{i}"
+                    row = _row(key, rng.randrange(60), "none" if is_base else "magnitude",
+                               None if is_base else rng.choice((0.1, 0.3, 0.5)), model,
+                               dataset)
+                    row["is_baseline"] = is_base
+                    rows.append(row)
+                    status = rng.choices(
+                        ("done", "failed", "timed_out", "pending", "running"),
+                        weights=(14, 2, 1, 1, 1))[0]
+                    if status in ("pending", "running"):
+                        outcomes[key] = {"status": status}
+                        continue
+                    hw = base_hw if is_base or rng.random() < 0.7 else rng.randrange(
+                        len(HARDWARE))
+                    result = _result_for(rng, make_result, status, HARDWARE[hw])
+                    outcomes[key] = result
+        spec = {"name": sweep_name} if settings is None else {"name": sweep_name,
+                                                              "score": settings}
+        with session_scope(engine, write=True) as session:
+            register_sweep(session, sweep_name, spec, None, rows)
+            for key, result in outcomes.items():
+                if result is None or result["status"] == "pending":
+                    continue
+                mark_running(session, sweep_name, key)
+                if result["status"] != "running":
+                    record_result(session, sweep_name, key, result)
+
+
+def _result_for(rng: Any, make_result: ResultFactory, status: str,
+                hardware: dict[str, Any]) -> dict[str, Any]:
+    metrics = _random_metrics(rng) if status == "done" or rng.random() < 0.5 else {}
+    error = None if status == "done" else {"type": "RuntimeError", "message": "boom"}
+    result = make_result(status=status, metrics=metrics, hardware=hardware, error=error,
+                     evidence=status == "done")
+    if rng.random() < 0.05:
+        result["environment"] = None  # no hardware fingerprint: never a SpeedNorm
+    return result
+
+
+def _everything(session: Any) -> dict[str, Any]:
+    """Every sweep, trial (with its hardware fingerprint) and metric, loaded plainly."""
+    from sqlalchemy import select
+
+    from orchestrator.db.models import Environment, Metric, Sweep, Trial
+
+    trials = session.execute(
+        select(Trial, Environment.hardware_fingerprint)
+        .outerjoin(Environment, Trial.environment_id == Environment.id)
+    ).all()
+    stored: dict[int, dict[str, Any]] = defaultdict(dict)
+    for m in session.scalars(select(Metric)):
+        stored[m.trial_id][m.name] = m
+    return {"sweeps": list(session.scalars(select(Sweep))), "trials": trials,
+            "stored": stored}
+
+
+def _reference(everything: dict[str, Any], metric: str, sweep: str | None,
+               include_failed: bool) -> list[dict[str, Any]]:
+    """The leaderboard computed the plain way from everything stored."""
+    sweeps = {s.id: s for s in everything["sweeps"] if sweep is None or s.name == sweep}
+    listed = sorted(((t, hw) for t, hw in everything["trials"] if t.sweep_id in sweeps),
+                    key=lambda pair: (pair[0].sweep_id, pair[0].position, pair[0].id))
+    trials = [t for t, _ in listed]
+    hardware = {t.id: hw for t, hw in listed}
+    stored = everything["stored"]
+    baselines: dict[tuple[int, str, str], Any] = {}
+    for t in trials:
+        if t.is_baseline and t.status == "done":
+            baselines.setdefault((t.sweep_id, t.model, t.dataset), t)
+
+    def value(trial_id: int, name: str) -> float | None:
+        m = stored[trial_id].get(name)
+        return None if m is None else m.value
+
+    def direction(trial_id: int, name: str) -> str | None:
+        m = stored[trial_id].get(name)
+        return None if m is None else m.direction
+
+    shown = {"done", "failed", "timed_out"} if include_failed else {"done"}
+    rows = []
+    for t in trials:
+        if t.status not in shown:
+            continue
+        perf = speed = total = None
+        base = baselines.get((t.sweep_id, t.model, t.dataset))
+        if t.status == "done" and base is not None:
+            settings = sweeps[t.sweep_id].spec.get("score") or {}
+            quality = settings.get("quality_metric") or "perplexity"
+            weight = float(settings.get("weight", 0.5))
+            q, q_base = value(t.id, quality), value(base.id, quality)
+            way = direction(t.id, quality) or direction(base.id, quality)
+            if q is not None and q_base is not None:
+                if way == "higher" and q_base != 0:
+                    perf = q / q_base
+                elif way == "lower" and q != 0:
+                    perf = q_base / q
+            s, s_base = value(t.id, "decode_ms_per_token"), value(base.id, "decode_ms_per_token")
+            same_hw = hardware[t.id] is not None and hardware[t.id] == hardware[base.id]
+            if same_hw and s is not None and s_base is not None and s_base != 0:
+                speed = 1.0 - s / s_base
+            if perf is not None and speed is not None:
+                total = max(weight * perf + (1.0 - weight) * speed, 0.0)
+        rows.append({
+            "sweep": sweeps[t.sweep_id].name, "model": t.model, "method": t.method,
+            "rate": t.rate, "dataset": t.dataset, "params": t.params, "position": t.position,
+            "trial_key": t.trial_key, "status": t.status, "is_baseline": t.is_baseline,
+            "error_type": t.error_type, "score": total, "perf_norm": perf, "speed_norm": speed,
+            "metrics": {n: m.value for n, m in stored[t.id].items()},
+            "directions": {n: m.direction for n, m in stored[t.id].items()},
+        })
+
+    if metric in queries.COMPUTED_METRICS:
+        higher = True
+        values = [r[metric] for r in rows]
+    else:
+        votes = [r["directions"][metric] for r in rows if r["directions"].get(metric)]
+        ups, downs = votes.count("higher"), votes.count("lower")
+        higher = ups > downs or (ups == downs and (not votes or votes[0] == "higher"))
+        values = [r["metrics"].get(metric) for r in rows]
+    ranked = sorted((i for i, v in enumerate(values) if v is not None),
+                    key=lambda i: (-values[i] if higher else values[i], i))
+    return [rows[i] for i in ranked] + [r for r, v in zip(rows, values, strict=True)
+                                        if v is None]
+
+
+# The second run builds every row from the sweeps rather than from id lists, as a
+# leaderboard of many rows does.
+@pytest.mark.parametrize(("seed", "by_id_rows"), [(7, None), (2024, 8)])
+def test_ranked_in_sql_equals_the_plain_computation(
+    engine: Engine, make_result: ResultFactory, monkeypatch: pytest.MonkeyPatch, seed: int,
+    by_id_rows: int | None,
+) -> None:
+    if by_id_rows is not None:
+        monkeypatch.setattr(queries, "_BY_ID_ROWS", by_id_rows)
+    _random_database(engine, make_result, seed)
+    metrics = ("score", "perf_norm", "speed_norm", "perplexity", "accuracy", "mixed", "ties",
+               "decode_ms_per_token")
+    compared = 0
+    with session_scope(engine) as session:
+        everything = _everything(session)
+        for sweep in (None, "acc"):
+            for include_failed in (False, True):
+                for metric in metrics:
+                    expected = _reference(everything, metric, sweep, include_failed)
+                    for limit in (None, 1, 6, 40, 10_000):
+                        got = queries.leaderboard(session, metric=metric, sweep=sweep,
+                                                  include_failed=include_failed, limit=limit)
+                        assert got == expected[:limit], (metric, sweep, include_failed, limit)
+                        compared += len(got)
+    # The database really holds what the comparison is meant to cover.
+    board = _reference(everything, "score", None, True)
+    assert compared > 5_000
+    scores = [r["score"] for r in board if r["score"] is not None]
+    assert len(scores) > len(set(scores)) + 10, "equal scores"
+    assert 0.0 in scores, "scores clamped at zero"
+    done = [r for r in board if r["status"] == "done"]
+    assert any(r["score"] is None for r in done), "finished trials without a score"
+    assert any(r["perf_norm"] is not None and r["speed_norm"] is None for r in done), \
+        "another hardware fingerprint"
+    assert any(v is None for r in done for v in r["metrics"].values()), "NULL values"
+    assert {r["status"] for r in board} == {"done", "failed", "timed_out"}
+    assert len({r["sweep"] for r in board}) == len(RANDOM_SWEEPS)
+
+
+def test_limit_keeps_the_first_rows_including_those_lacking_the_metric(board: Engine) -> None:
+    full = _board(board)
+    for limit in range(1, len(full) + 2):
+        assert _board(board, limit=limit) == full[:limit]
+    # Five rows have a score (broken's is 0); the sixth is the one without.
+    assert [r["trial_key"] for r in _board(board, limit=6)][4:] == ["broken", "elsewhere"]
+    accuracy = _board(board, metric="accuracy", include_failed=True)
+    assert _board(board, metric="accuracy", include_failed=True, limit=6) == accuracy[:6]
+    with pytest.raises(ValueError, match="limit"):
+        _board(board, limit=0)
+    with pytest.raises(BadInput, match="unknown metric"):
+        _board(board, metric="perplexty", limit=3)
+
+
+def _directed(engine: Engine, make_result: ResultFactory,
+              directions: list[tuple[str, str | None]]) -> None:
+    """Sweep ``d``: one trial per (status, direction of metric ``m``), values 1, 2, 3, …"""
+    rows = [_row(f"t{i}", i, "magnitude", 0.1 * i) for i in range(len(directions))]
+    with session_scope(engine, write=True) as session:
+        register_sweep(session, "d", {"name": "d"}, None, rows)
+    for i, (status, direction) in enumerate(directions):
+        _record(engine, "d", f"t{i}", make_result(
+            status=status, metrics={"m": (float(i + 1), direction)}, evidence=False,
+            error=None if status == "done" else {"type": "E", "message": "x"}))
+
+
+def _order(engine: Engine, **kwargs: Any) -> list[str]:
+    return [r["trial_key"] for r in _board(engine, metric="m", sweep="d", **kwargs)]
+
+
+def test_stored_direction_is_the_majority_of_the_listed_rows(
+    engine: Engine, make_result: ResultFactory
+) -> None:
+    _directed(engine, make_result, [("done", "lower"), ("done", "higher"), ("done", None),
+                                    ("failed", "higher"), ("failed", "higher")])
+    # Listed: one lower, one higher (a tie): the first listed row's direction wins.
+    assert _order(engine) == ["t0", "t1", "t2"]
+    assert _order(engine, limit=2) == ["t0", "t1"]
+    # With the failed rows, higher has the majority.
+    assert _order(engine, include_failed=True) == ["t4", "t3", "t2", "t1", "t0"]
+    assert _order(engine, include_failed=True, limit=1) == ["t4"]
+
+
+def test_a_direction_stored_only_on_unlisted_rows_does_not_count(
+    engine: Engine, make_result: ResultFactory
+) -> None:
+    _directed(engine, make_result, [("done", None), ("done", None), ("failed", "lower")])
+    assert _order(engine) == ["t1", "t0"]  # no direction listed: higher is better
+    assert _order(engine, include_failed=True) == ["t0", "t1", "t2"]  # lower is better
+
+
+def test_cli_top_passes_the_limit_to_the_query(
+    board: Engine, db_url: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import json
+
+    from orchestrator.cli.render import Format
+    from orchestrator.cli.results import print_leaderboard
+
+    calls: list[dict[str, Any]] = []
+    real = queries.leaderboard
+
+    def spy(session: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        calls.append(kwargs)
+        return real(session, **kwargs)
+
+    monkeypatch.setattr(queries, "leaderboard", spy)
+    print_leaderboard(db_url, metric="score", sweep=None, fmt=Format.json, top=2,
+                      include_failed=False)
+    assert calls[-1]["limit"] == 2
+    shown = json.loads(capsys.readouterr().out)
+    assert [r["trial_key"] for r in shown] == ["fast", "base"]
