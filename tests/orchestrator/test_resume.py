@@ -52,13 +52,17 @@ def dead_pid() -> int:
     return proc.pid
 
 
-def test_results_written_by_a_dead_drivers_workers_are_recovered(tmp_path, tiny_llama_dir):
-    data = {"name": "recover", "models": [{"id": "builtin:tiny-llama"}],
+def two_trials(tmp_path: Path, name: str) -> tuple[spec.SweepSpec, Path, str]:
+    """A baseline and one drop_layers trial: (spec, its path, a fresh SQLite URL)."""
+    data = {"name": name, "models": [{"id": "builtin:tiny-llama"}],
             "methods": [{"name": "drop_layers", "rates": [0.5]}], "datasets": [DATASET],
             "evaluation": EVALUATION}
     path = write_spec(tmp_path, data)
-    url = f"sqlite:///{tmp_path / 'r.db'}"
-    loaded = spec.load(path)
+    return spec.load(path), path, f"sqlite:///{tmp_path / (name + '.db')}"
+
+
+def test_results_written_by_a_dead_drivers_workers_are_recovered(tmp_path, tiny_llama_dir):
+    loaded, path, url = two_trials(tmp_path, "recover")
     first = launch.plan(loaded, str(path), url, storage_path=str(tmp_path / "tune"))
     assert len(first.to_run) == 2 and first.driver_id is not None
     engine = ensure_schema(url, create=False)
@@ -86,12 +90,7 @@ def test_results_written_by_a_dead_drivers_workers_are_recovered(tmp_path, tiny_
 
 
 def test_a_live_launch_keeps_its_trials_from_a_second_launch(tmp_path, tiny_llama_dir):
-    data = {"name": "shared", "models": [{"id": "builtin:tiny-llama"}],
-            "methods": [{"name": "drop_layers", "rates": [0.5]}], "datasets": [DATASET],
-            "evaluation": EVALUATION}
-    path = write_spec(tmp_path, data)
-    url = f"sqlite:///{tmp_path / 's.db'}"
-    loaded = spec.load(path)
+    loaded, path, url = two_trials(tmp_path, "shared")
     first = launch.plan(loaded, str(path), url)
     engine = ensure_schema(url, create=False)
     other = subprocess.Popen(["sleep", "600"])  # the first launch lives in another process
