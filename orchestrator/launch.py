@@ -245,8 +245,7 @@ def _results_callback_class() -> type:
             if key in self.recorded:
                 return  # a timed-out trial's process ends after its report
             # The worker may have written its result before its process died.
-            written = (result_files.read_all(self.files_dir).get(key)
-                       if self.files_dir else None)
+            written = result_files.read(self.files_dir, key) if self.files_dir else None
             if written is not None:
                 self._record(trial, written)
                 return

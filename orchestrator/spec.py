@@ -196,9 +196,14 @@ def loads(text: str, source: str = "<spec>", check_sources: bool = True) -> Swee
     """Validate spec text; ``check_sources`` also checks that models and datasets exist."""
     try:
         _check_depth(text)
-        node = yaml.compose(text, Loader=_UniqueKeyLoader)
-        _check_size(node)
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        # Composed once: the node graph gives the lines, its size check, and the data.
+        loader = _UniqueKeyLoader(text)
+        try:
+            node = loader.get_single_node()
+            _check_size(node)
+            data = None if node is None else loader.construct_document(node)
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         raise SpecError([_yaml_problem(exc, text)], source=source) from None
     except SpecError as exc:

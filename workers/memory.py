@@ -86,21 +86,19 @@ def run_with_backoff(evaluate: Callable[[dict[str, Any]], dict[str, float]],
     requested = None if batch_setting is None else int(_get(current, batch_setting))
     run = BatchRun(requested=requested, used=requested)
     while True:
-        failed = False
         try:
             return evaluate(current), run
         except Exception as exc:  # noqa: BLE001 - only allocation failures are handled
             if not is_out_of_memory(exc):
                 raise
-            failed = True
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if run.used is None or run.used <= 1:
                 where = "" if run.used is None else " at batch size 1"
                 raise OutOfMemory(f"evaluation {name} ran out of memory{where}: {message}") \
                     from exc
         # Out of the except block, so the failed attempt's frames (and tensors) are freed.
-        if failed and batch_setting is not None and run.used is not None:
-            run.out_of_memory.append(run.used)
-            free_memory()
-            run.used = max(1, run.used // 2)
-            _set(current, batch_setting, run.used)
+        assert batch_setting is not None  # run.used is None without one: raised above
+        run.out_of_memory.append(run.used)
+        free_memory()
+        run.used = max(1, run.used // 2)
+        _set(current, batch_setting, run.used)

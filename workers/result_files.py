@@ -39,6 +39,19 @@ def write(result_dir: str | Path, trial_key: str, result: dict[str, Any]) -> Pat
     return target
 
 
+def read(result_dir: str | Path, trial_key: str) -> dict[str, Any] | None:
+    """The result written for ``trial_key``; None when there is none (or it is unreadable)."""
+    return _load(path_of(result_dir, trial_key))
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return result if isinstance(result, dict) else None
+
+
 def read_all(result_dir: str | Path) -> dict[str, dict[str, Any]]:
     """Every complete result file in ``result_dir`` by trial key (unreadable ones skipped)."""
     directory = Path(result_dir)
@@ -46,11 +59,8 @@ def read_all(result_dir: str | Path) -> dict[str, dict[str, Any]]:
     if not directory.is_dir():
         return out
     for path in directory.glob("*.json"):
-        try:
-            result = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(result, dict):
+        result = _load(path)
+        if result is not None:
             out[path.stem] = result
     return out
 

@@ -6,8 +6,6 @@ import typer
 
 from orchestrator.cli.render import Format, render
 
-STATUSES = ("pending", "running", "done", "failed", "timed_out")
-
 
 def register(app: typer.Typer) -> None:
     """Add the commands of this group to ``app``."""
@@ -30,12 +28,13 @@ def status(
 ) -> None:
     """Trial counts per status, per sweep."""
     from orchestrator import queries
+    from orchestrator.db.models import TRIAL_STATUSES
 
     with read_session(ctx.obj["db"]) as session:
         sweeps = queries.sweep_status(session, sweep)
     rows = [{"sweep": s["name"], **s["counts"], "total": s["total"],
              "updated": s.get("updated_at")} for s in sweeps]
-    text = render(rows, ["sweep", *STATUSES, "total", "updated"], fmt, title="sweeps",
+    text = render(rows, ["sweep", *TRIAL_STATUSES, "total", "updated"], fmt, title="sweeps",
                   json_payload={"sweeps": sweeps})
     if text is not None:
         print(text)
@@ -92,14 +91,15 @@ def list_sweeps(
 ) -> None:
     """Every sweep in the database with its trial counts."""
     from orchestrator import queries
+    from orchestrator.db.models import TRIAL_STATUSES
 
     with read_session(ctx.obj["db"]) as session:
         sweeps = queries.list_sweeps(session)
     rows = [{"sweep": s["name"], "trials": s.get("trials"),
-             **{k: s.get("counts", {}).get(k, 0) for k in STATUSES},
+             **{k: s.get("counts", {}).get(k, 0) for k in TRIAL_STATUSES},
              "models": ", ".join(s.get("models", [])), "methods": ", ".join(s.get("methods", [])),
              "created": s.get("created_at")} for s in sweeps]
-    text = render(rows, ["sweep", "trials", *STATUSES, "models", "methods", "created"], fmt,
+    text = render(rows, ["sweep", "trials", *TRIAL_STATUSES, "models", "methods", "created"], fmt,
                   title="sweeps", json_payload=sweeps)
     if text is not None:
         print(text)
