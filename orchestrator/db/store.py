@@ -1,4 +1,5 @@
-"""Writes to the results database. The driver's Tune callback is their only caller.
+"""Writes to the results database, by the driver only: ``launch.plan`` (the sweep, its
+trials, recovered results) and the writer thread behind its Tune callback (trial events).
 
 Every function takes an open session (from ``session_scope(engine, write=True)``) and leaves
 committing to it. Each write is idempotent: Tune may deliver an event twice, and a relaunch
@@ -10,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
-from functools import lru_cache
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import Connection, bindparam, case, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -124,51 +125,91 @@ def register_sweep(
     return {row["trial_key"]: statuses[row["trial_key"]] for row in trials}
 
 
-# The writes below run once per trial event on the driver. They are plain SQL statements,
-# built once with bound parameters, on the session's connection: no unit-of-work flush and
-# no statement construction per call (several times faster, for the ingest target of the
-# driver). Afterwards the session's loaded objects are expired, so none shadows the write.
+# The writes below carry every trial event of the driver. They are plain SQL statements,
+# built once with bound parameters, on the session's connection: no unit-of-work flush and no
+# statement construction per call. They take whole batches of events: the statements per
+# batch stay the same (one executemany per table), which is what lets the driver's writer
+# keep up when many trials end at once (``orchestrator.db.writer``). Afterwards the
+# session's loaded objects are expired, so none shadows the write.
 _TRIALS = Trial.__table__
-_TRIAL_ROW = (
-    select(_TRIALS.c.id, _TRIALS.c.attempts)
-    .join(Sweep.__table__, _TRIALS.c.sweep_id == Sweep.__table__.c.id)
-    .where(Sweep.__table__.c.name == bindparam("sweep"),
-           _TRIALS.c.trial_key == bindparam("key"))
+_SWEEPS = Sweep.__table__
+_METRICS = Metric.__table__
+_EVIDENCE = Evidence.__table__
+_TRIAL_IDS = (
+    select(_TRIALS.c.trial_key, _TRIALS.c.id)
+    .join(_SWEEPS, _TRIALS.c.sweep_id == _SWEEPS.c.id)
+    .where(_SWEEPS.c.name == bindparam("sweep"),
+           _TRIALS.c.trial_key.in_(bindparam("keys", expanding=True)))
 )
+_BY_ID = _TRIALS.c.id == bindparam("trial_id")
 _MARK_RUNNING = (
-    update(_TRIALS).where(_TRIALS.c.id == bindparam("trial_id"))
+    update(_TRIALS).where(_BY_ID)
     .values(status="running", attempts=_TRIALS.c.attempts + 1, started_at=bindparam("p_now"),
             finished_at=None, duration_s=None, host=bindparam("p_host"), error_type=None,
             error_message=None, error_traceback=None, failure_reason=None)
 )
 _RESULT_FIELDS = ("status", "finished_at", "duration_s", "error_type", "error_message",
                   "error_traceback", "failure_reason", "environment_id")
-_DELETE_METRICS = delete(Metric.__table__).where(
-    Metric.__table__.c.trial_id == bindparam("trial_id"))
-_DELETE_EVIDENCE = delete(Evidence.__table__).where(
-    Evidence.__table__.c.trial_id == bindparam("trial_id"))
-_INSERT_METRIC = insert(Metric.__table__)
-_INSERT_EVIDENCE = insert(Evidence.__table__)
+_RECORD_RESULT = (
+    update(_TRIALS).where(_BY_ID)
+    .values({
+        **{f: bindparam(f"p_{f}") for f in _RESULT_FIELDS},
+        # A result names its host only when it knows it; otherwise the start's host stays.
+        "host": func.coalesce(bindparam("p_host", type_=_TRIALS.c.host.type), _TRIALS.c.host),
+        # A result without a start event (callback restarted mid-trial) is one attempt.
+        "attempts": case((_TRIALS.c.attempts == 0, 1), else_=_TRIALS.c.attempts),
+    })
+)
+_DELETE_METRICS = delete(_METRICS).where(
+    _METRICS.c.trial_id.in_(bindparam("trial_ids", expanding=True)))
+_DELETE_EVIDENCE = delete(_EVIDENCE).where(
+    _EVIDENCE.c.trial_id.in_(bindparam("trial_ids", expanding=True)))
+_INSERT_METRIC = insert(_METRICS)
+_INSERT_EVIDENCE = insert(_EVIDENCE)
+_ENVIRONMENTS = Environment.__table__
+_ENVIRONMENT_ID = select(_ENVIRONMENTS.c.id).where(
+    _ENVIRONMENTS.c.fingerprint == bindparam("fingerprint"))
+# Bound parameters per statement stay far below SQLite's limit (32,766) and PostgreSQL's.
+_IN_CHUNK = 500
 
 
-def _trial_row(session: Session, sweep_name: str, trial_key: str) -> tuple[int, int]:
-    """(id, attempts) of a trial; LookupError when the sweep has no such trial."""
-    row = session.connection().execute(
-        _TRIAL_ROW, {"sweep": sweep_name, "key": trial_key}).one_or_none()
-    if row is None:
-        raise LookupError(f"no trial {trial_key!r} in sweep {sweep_name!r}")
-    return row[0], row[1]
+def _trial_ids(conn: Connection, sweep_name: str, keys: Iterable[str]) -> dict[str, int]:
+    """``{trial_key: id}`` for ``keys``; LookupError naming the first key the sweep lacks."""
+    wanted = list(dict.fromkeys(keys))
+    ids: dict[str, int] = {}
+    for start in range(0, len(wanted), _IN_CHUNK):
+        ids.update(conn.execute(
+            _TRIAL_IDS, {"sweep": sweep_name, "keys": wanted[start:start + _IN_CHUNK]}).all())
+    for key in wanted:
+        if key not in ids:
+            raise LookupError(f"no trial {key!r} in sweep {sweep_name!r}")
+    return ids
 
 
 def mark_running(
     session: Session, sweep_name: str, trial_key: str, host: str | None = None
 ) -> None:
     """Record that a trial (re)started: status running, one more attempt, errors cleared."""
-    trial_id, _ = _trial_row(session, sweep_name, trial_key)
+    mark_running_many(session, sweep_name, [(trial_key, host)])
+
+
+def mark_running_many(
+    session: Session, sweep_name: str, starts: Sequence[tuple[str, str | None]]
+) -> None:
+    """:func:`mark_running` for each ``(trial_key, host)``, in one statement per batch.
+
+    A key given twice counts two attempts, as two start events would.
+    """
+    if not starts:
+        return
+    conn = session.connection()
+    ids = _trial_ids(conn, sweep_name, (key for key, _ in starts))
+    now = utcnow()
     # A retry may land on another node; a host left from the last attempt would mislead.
-    session.connection().execute(_MARK_RUNNING, {
-        "trial_id": trial_id, "p_now": utcnow(),
-        "p_host": None if host is None else host[:255]})
+    conn.execute(_MARK_RUNNING, [
+        {"trial_id": ids[key], "p_now": now, "p_host": None if host is None else host[:255]}
+        for key, host in starts
+    ])
     session.expire_all()
 
 
@@ -182,6 +223,70 @@ def record_result(
     duplicate delivery changes nothing and a rerun leaves no leftovers of the previous one.
     Everything is validated before the first write, so a malformed result changes nothing.
     """
+    record_results(session, sweep_name, [(trial_key, result)])
+
+
+def record_results(
+    session: Session, sweep_name: str, results: Sequence[tuple[str, Mapping[str, Any]]]
+) -> None:
+    """:func:`record_result` for each ``(trial_key, result)``, a few statements per batch.
+
+    All results are validated before the first write: one malformed result changes
+    nothing. When a key comes twice, the outcome is that of recording them in order: the
+    last result, on the host of the last one that names a host.
+    """
+    parsed: dict[str, _ParsedResult] = {}
+    for key, result in results:
+        row = _parse_result(result)
+        if key in parsed and row.values["host"] is None:
+            row.values["host"] = parsed[key].values["host"]  # as a result without a host
+        parsed[key] = row
+    if not parsed:
+        return
+    environments: dict[str, int] = {}
+    for row in parsed.values():
+        if row.environment is not None:
+            full = row.environment["fingerprint"]
+            if full not in environments:
+                environments[full] = _environment_id(session, row.environment)
+            row.values["environment_id"] = environments[full]
+    conn = session.connection()
+    ids = _trial_ids(conn, sweep_name, parsed)
+    finished_at = utcnow()
+    conn.execute(_RECORD_RESULT, [
+        {"trial_id": ids[key], "p_finished_at": finished_at,
+         **{f"p_{name}": value for name, value in row.values.items()}}
+        for key, row in parsed.items()
+    ])
+    trial_ids = [ids[key] for key in parsed]
+    for start in range(0, len(trial_ids), _IN_CHUNK):
+        chunk = trial_ids[start:start + _IN_CHUNK]
+        conn.execute(_DELETE_METRICS, {"trial_ids": chunk})
+        conn.execute(_DELETE_EVIDENCE, {"trial_ids": chunk})
+    metrics = [
+        {"trial_id": ids[key], "name": name, "value": value, "direction": direction,
+         "note": note}
+        for key, row in parsed.items()
+        for name, (value, direction, note) in row.metrics.items()
+    ]
+    if metrics:
+        conn.execute(_INSERT_METRIC, metrics)
+    evidence = [{"trial_id": ids[key], **row.evidence}
+                for key, row in parsed.items() if row.evidence is not None]
+    if evidence:
+        conn.execute(_INSERT_EVIDENCE, evidence)
+    session.expire_all()
+
+
+@dataclass
+class _ParsedResult:
+    values: dict[str, Any]  # the trials row's result columns, environment_id still None
+    metrics: dict[str, _MetricRow]
+    evidence: dict[str, Any] | None
+    environment: dict[str, Any] | None  # hardware, packages, git_sha and their fingerprint
+
+
+def _parse_result(result: Mapping[str, Any]) -> _ParsedResult:
     status = result.get("status")
     if status not in RESULT_STATUSES:
         raise ValueError(f"result status must be one of {RESULT_STATUSES}, not {status!r}")
@@ -194,47 +299,17 @@ def record_result(
         error = {"message": error}
     values: dict[str, Any] = {
         "status": status,
-        "finished_at": utcnow(),
         "duration_s": None if duration is None else _finite_or_none(float(duration)),
         "error_type": None if error is None else _opt_str(error.get("type"), MAX_ERROR_TYPE),
         "error_message": None if error is None else _opt_str(error.get("message")),
         "error_traceback": None if error is None else _opt_str(error.get("traceback")),
         "failure_reason": reason,
+        "environment_id": None,
+        "host": None if result.get("host") is None else str(result["host"])[:255],
     }
-    if result.get("host") is not None:
-        values["host"] = str(result["host"])[:255]
-    trial_id, attempts = _trial_row(session, sweep_name, trial_key)
     environment = result.get("environment") or None
-    values["environment_id"] = (
-        None if environment is None else _environment_id(session, environment)
-    )
-    fields = list(_RESULT_FIELDS)
-    if "host" in values:
-        fields.append("host")
-    if attempts == 0:
-        # A result without a start event (callback restarted mid-trial) is still one attempt.
-        values["attempts"] = 1
-        fields.append("attempts")
-    conn = session.connection()
-    conn.execute(_update_trial(tuple(fields)),
-                 {"trial_id": trial_id, **{f"p_{f}": values[f] for f in fields}})
-    conn.execute(_DELETE_METRICS, {"trial_id": trial_id})
-    if metrics:
-        conn.execute(_INSERT_METRIC, [
-            {"trial_id": trial_id, "name": name, "value": value, "direction": direction,
-             "note": note}
-            for name, (value, direction, note) in metrics.items()
-        ])
-    conn.execute(_DELETE_EVIDENCE, {"trial_id": trial_id})
-    if evidence is not None:
-        conn.execute(_INSERT_EVIDENCE, [{"trial_id": trial_id, **evidence}])
-    session.expire_all()
-
-
-@lru_cache(maxsize=8)
-def _update_trial(fields: tuple[str, ...]) -> Any:
-    return (update(_TRIALS).where(_TRIALS.c.id == bindparam("trial_id"))
-            .values({f: bindparam(f"p_{f}") for f in fields}))
+    return _ParsedResult(values, metrics, evidence,
+                         None if environment is None else _environment_values(environment))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -308,16 +383,24 @@ def _opt_float(value: Any) -> float | None:
     return None if value is None else _finite_or_none(float(value))
 
 
-def _environment_id(session: Session, environment: Mapping[str, Any]) -> int:
+def _environment_values(environment: Mapping[str, Any]) -> dict[str, Any]:
     hardware = json_safe(environment.get("hardware") or {})
     packages = json_safe(environment.get("packages") or {})
     git_sha = environment.get("git_sha")
     git_sha = None if git_sha is None else str(git_sha)
-    full = fingerprint({"hardware": hardware, "packages": packages, "git_sha": git_sha})
-    query = select(Environment.id).where(Environment.fingerprint == full)
-    found = session.scalar(query)
+    return {"hardware": hardware, "packages": packages, "git_sha": git_sha,
+            "fingerprint": fingerprint(
+                {"hardware": hardware, "packages": packages, "git_sha": git_sha})}
+
+
+def _environment_id(session: Session, environment: Mapping[str, Any]) -> int:
+    """Id of the environments row of ``environment`` (from :func:`_environment_values`)."""
+    full = environment["fingerprint"]
+    conn = session.connection()
+    found = conn.execute(_ENVIRONMENT_ID, {"fingerprint": full}).scalar()
     if found is not None:
-        return found
+        return int(found)
+    hardware = environment["hardware"]
     # Two writers may meet here on PostgreSQL (SQLite's BEGIN IMMEDIATE serialises them);
     # the savepoint lets the loser read the winner's row instead of aborting its transaction.
     try:
@@ -325,11 +408,12 @@ def _environment_id(session: Session, environment: Mapping[str, Any]) -> int:
             return int(session.execute(
                 insert(Environment).values(
                     fingerprint=full, hardware_fingerprint=fingerprint(hardware),
-                    hardware=hardware, packages=packages, git_sha=git_sha, created_at=utcnow(),
+                    hardware=hardware, packages=environment["packages"],
+                    git_sha=environment["git_sha"], created_at=utcnow(),
                 ).returning(Environment.id)
             ).scalar_one())
     except IntegrityError:
-        found = session.scalar(query)
+        found = session.connection().execute(_ENVIRONMENT_ID, {"fingerprint": full}).scalar()
         if found is None:
             raise
-        return found
+        return int(found)

@@ -21,7 +21,9 @@ from orchestrator.db.models import Environment, Evidence, Metric, Sweep, Trial
 from orchestrator.db.store import (
     fingerprint,
     mark_running,
+    mark_running_many,
     record_result,
+    record_results,
     register_sweep,
 )
 
@@ -380,6 +382,121 @@ def test_stored_outcome_depends_only_on_the_last_result(
     # The first attempt's environment row stays (environments are shared), nothing else does.
     got.pop("environments"), expected.pop("environments")
     assert got == expected
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def _outcomes(session: Session, sweep: str) -> dict[str, Any]:
+    """Everything stored per trial of ``sweep``, keyed by the key's position-free tail."""
+    out: dict[str, Any] = {}
+    for trial in session.scalars(select(Trial).join(Sweep).where(Sweep.name == sweep)):
+        metrics = session.scalars(select(Metric).where(Metric.trial_id == trial.id)).all()
+        evidence = session.scalars(select(Evidence).where(Evidence.trial_id == trial.id)).all()
+        out[trial.trial_key] = (
+            trial.status, trial.attempts, trial.host, trial.duration_s, trial.failure_reason,
+            trial.error_type, trial.error_message, trial.environment_id,
+            sorted((m.name, m.value, m.direction, m.note) for m in metrics),
+            [(e.params_before, e.params_after, e.changed_fraction, e.details) for e in evidence],
+        )
+    return out
+
+
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(events=st.lists(
+    st.tuples(st.integers(0, 3), st.sampled_from(["start", "done", "failed", "nan", "bare"]),
+              st.sampled_from([None, "node-a", "node-b"])),
+    min_size=1, max_size=14))
+def test_a_batch_stores_what_its_events_one_by_one_would(
+    engine: Engine, trial_rows: RowsFactory, make_result: ResultFactory,
+    events: list[tuple[int, str, str | None]],
+) -> None:
+    """mark_running_many / record_results over runs of events == one call per event."""
+    import uuid
+
+    one, many = f"one-{uuid.uuid4().hex[:8]}", f"many-{uuid.uuid4().hex[:8]}"
+    rows = trial_rows(3)
+    with session_scope(engine, write=True) as session:
+        register_sweep(session, one, SPEC, None, rows)
+        register_sweep(session, many, SPEC, None, rows)
+    keys = [r["trial_key"] for r in rows]
+
+    def result(kind: str, host: str | None, i: int) -> dict[str, Any]:
+        if kind == "failed":
+            return make_result(status="failed", host=host or "node-x",
+                               error={"type": "E", "message": f"m{i}", "traceback": "t"},
+                               hardware={"cpu": "other"})
+        if kind == "nan":
+            return make_result(metrics={"perplexity": (math.nan, "lower")}, evidence=False)
+        if kind == "bare":
+            bare = make_result(metrics={"acc": (0.5 + i / 100, "higher")})
+            del bare["host"], bare["environment"]
+            return bare
+        return make_result(metrics={"perplexity": (10.0 + i, "lower"),
+                                    "speed": (float(i), "lower")})
+
+    with session_scope(engine, write=True) as session:
+        for i, (k, kind, host) in enumerate(events):
+            if kind == "start":
+                mark_running(session, one, keys[k], host)
+            else:
+                record_result(session, one, keys[k], result(kind, host, i))
+    # The same events as runs of starts and runs of results, each run one batch call.
+    runs: list[tuple[str, list[tuple[str, Any]]]] = []
+    for i, (k, kind, host) in enumerate(events):
+        item = (keys[k], host if kind == "start" else result(kind, host, i))
+        what = "start" if kind == "start" else "result"
+        if runs and runs[-1][0] == what:
+            runs[-1][1].append(item)
+        else:
+            runs.append((what, [item]))
+    with session_scope(engine, write=True) as session:
+        for what, items in runs:
+            if what == "start":
+                mark_running_many(session, many, items)
+            else:
+                record_results(session, many, items)
+    with session_scope(engine) as session:
+        assert _outcomes(session, many) == _outcomes(session, one)
+
+
+def test_a_batch_with_one_bad_result_or_key_changes_nothing(
+    engine: Engine, registered: list[dict[str, Any]], make_result: ResultFactory,
+) -> None:
+    keys = [r["trial_key"] for r in registered]
+    with pytest.raises(ValueError, match="status"):
+        with session_scope(engine, write=True) as session:
+            record_results(session, "s1", [(keys[0], make_result()),
+                                           (keys[1], {"status": "finished"})])
+    with pytest.raises(LookupError, match="no trial 'nope'"):
+        with session_scope(engine, write=True) as session:
+            mark_running_many(session, "s1", [(keys[0], None), ("nope", None)])
+    with pytest.raises(LookupError, match="no trial 'nope'"):
+        with session_scope(engine, write=True) as session:
+            record_results(session, "s1", [(keys[0], make_result()), ("nope", make_result())])
+    with session_scope(engine) as session:
+        assert {(t.status, t.attempts) for t in session.scalars(select(Trial))} == {
+            ("pending", 0)}
+        assert _count(session, Metric) == 0 and _count(session, Environment) == 0
+
+
+def test_a_batch_larger_than_one_in_list_chunk(engine: Engine, trial_rows: RowsFactory,
+                                                make_result: ResultFactory) -> None:
+    rows = trial_rows(1200, baseline=False)
+    with session_scope(engine, write=True) as session:
+        register_sweep(session, "big", SPEC, None, rows)
+    keys = [r["trial_key"] for r in rows]
+    with session_scope(engine, write=True) as session:
+        mark_running_many(session, "big", [(k, "n") for k in keys])
+        record_results(session, "big", [(k, make_result()) for k in keys])
+        record_results(session, "big", [(k, make_result(metrics={"acc": (0.5, "higher")}))
+                                        for k in keys])
+    with session_scope(engine) as session:
+        assert session.scalar(select(func.count()).select_from(Trial).where(
+            Trial.status == "done", Trial.attempts == 1)) == 1200
+        assert set(session.scalars(select(Metric.name))) == {"acc"}
+        assert _count(session, Metric) == 1200 and _count(session, Evidence) == 1200
 
 
 # --------------------------------------------------------------------------- concurrency
