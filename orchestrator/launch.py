@@ -5,13 +5,15 @@ trials a dead driver left ``running``, recovers results its workers had written 
 files, and claims what is left to run under this driver's lease. ``run`` runs the claimed
 trials with ``tune.Tuner`` — model-major, ``max_concurrent_trials`` at once, one GPU per
 trial when the cluster has GPUs — retrying failures up to ``max_attempts``. Results reach
-the database only through :class:`ResultsCallback`.
+the database only through :class:`ResultsCallback`, which hands them to a
+:class:`~orchestrator.db.writer.ResultWriter` (batched, off Tune's loop).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -31,7 +33,8 @@ from orchestrator.db.leases import (
     start_driver,
 )
 from orchestrator.db.models import DETERMINISTIC_FAILURES
-from orchestrator.db.store import mark_running, record_result, register_sweep
+from orchestrator.db.store import record_result, register_sweep
+from orchestrator.db.writer import ResultWriter
 from orchestrator.errors import BadInput, SweepError
 from orchestrator.queries import trial_outcomes
 from workers import result_files
@@ -212,25 +215,23 @@ def _results_callback_class() -> type:
     class ResultsCallback(Callback):
         """Writes trial transitions and results to the database (the single writer)."""
 
-        def __init__(self, engine: Any, sweep: str, progress: Progress,
+        def __init__(self, writer: ResultWriter, progress: Progress,
                      files_dir: str | None) -> None:
-            self.engine = engine
-            self.sweep = sweep
+            self.writer = writer
             self.progress = progress
             self.files_dir = files_dir
             self.recorded: set[str] = set()
 
         def __getstate__(self) -> dict:
-            # Tune pickles the Tuner (callbacks included) for experiment restore; an engine
-            # and a live progress display cannot be pickled and make no sense restored.
-            return {**self.__dict__, "engine": None, "progress": Progress([])}
+            # Tune pickles the Tuner (callbacks included) for experiment restore; a writer
+            # thread and a live progress display cannot be pickled and make no sense restored.
+            return {**self.__dict__, "writer": None, "progress": Progress([])}
 
         def _key(self, trial: Any) -> str:
             return trial.config["trial"]["trial_key"]
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            with session_scope(self.engine, write=True) as session:
-                mark_running(session, self.sweep, self._key(trial))
+            self.writer.started(self._key(trial))
             self.progress.set(self._key(trial), "running")
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
@@ -262,11 +263,11 @@ def _results_callback_class() -> type:
             key = self._key(trial)
             if key in self.recorded:
                 return
-            with session_scope(self.engine, write=True) as session:
-                record_result(session, self.sweep, key, result)
+            files_dir = self.files_dir
+            self.writer.finished(
+                key, result,
+                on_committed=(lambda: result_files.remove(files_dir, key)) if files_dir else None)
             self.recorded.add(key)
-            if self.files_dir:
-                result_files.remove(self.files_dir, key)
             self.progress.set(key, result.get("status", "failed"))
 
     return ResultsCallback
@@ -309,8 +310,6 @@ def prepare_models(spec: spec_module.SweepSpec) -> None:
 
 def start_ray(address: str | None, include_dashboard: bool) -> tuple[bool, str | None]:
     """Connect to ``address`` or start a local Ray; returns (started_here, dashboard URL)."""
-    import logging
-
     import ray
 
     if ray.is_initialized():
@@ -349,6 +348,7 @@ def run(plan_: LaunchPlan, db_url: str, *, max_concurrent: int | None = None,
     if beat is not None:
         beat.start()
     started_here = False
+    writer: ResultWriter | None = None
     try:
         prepare_models(spec)
         import ray
@@ -376,12 +376,14 @@ def run(plan_: LaunchPlan, db_url: str, *, max_concurrent: int | None = None,
         storage.mkdir(parents=True, exist_ok=True)
         round_configs = configs
         stamp = time.strftime("%Y%m%d-%H%M%S")
+        writer = ResultWriter(engine, spec.name)
         for round_number in range(1, spec.max_attempts + 1):
-            callback = _results_callback_class()(engine, spec.name, progress, plan_.result_dir)
+            callback = _results_callback_class()(writer, progress, plan_.result_dir)
             _tuner(spec, round_configs, cpus, gpus, max_concurrent, callback,
                    name=f"{spec.name}-{stamp}" + (f"-retry{round_number - 1}"
                                                    if round_number > 1 else ""),
                    storage=str(storage)).fit()
+            writer.flush()  # the retry decision reads this round's outcomes
             for config in round_configs:
                 attempts[config["trial_key"]] += 1
             round_configs = _to_retry(engine, spec.name, round_configs, attempts,
@@ -391,10 +393,18 @@ def run(plan_: LaunchPlan, db_url: str, *, max_concurrent: int | None = None,
             outcome.retried += len(round_configs)
             for config in round_configs:
                 progress.set(config["trial_key"], "pending")
+        writer.close()
         outcome.ran = len(configs)
         outcome.done = progress.done
         outcome.failed = progress.failed
     finally:
+        if writer is not None and not writer.closed:
+            # Ctrl-C or a failed round: what was reported is still stored, and the error
+            # in flight stays the one raised.
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001
+                logging.getLogger(__name__).exception("storing the last trial events failed")
         if beat is not None:
             beat.stopped.set()
             beat.join()
