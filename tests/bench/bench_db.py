@@ -3,10 +3,14 @@
 Measured in one run, on SQLite (a fresh file in a temporary directory) and on a real
 PostgreSQL 15 server that this script starts and removes itself (``tests/postgres_server.py``):
 
-1. Ingest rate, results/s, through the driver's real write path. For every result, exactly
-   what the Tune callback in ``orchestrator/launch.py`` does: one ``session_scope(engine,
-   write=True)`` transaction with ``mark_running`` (on_trial_start), then one with
-   ``json.loads(payload)`` + ``record_result`` (on_trial_result). The result dicts have the
+1. Ingest rate, results/s, through the driver's real write path: for every result, what
+   the Tune callback in ``orchestrator/launch.py`` does, ``ResultWriter.started`` (on
+   on_trial_start), then ``json.loads(payload)`` and ``ResultWriter.finished`` (on
+   on_trial_result); timed until the writer has committed the last one. The events are
+   handed over as fast as they come, as when many trials end together: that is the
+   writer's capacity, the figure the target is about. A second figure, not a target,
+   commits each result before the next arrives (the cost of a lone result). The result
+   dicts have the
    shape ``workers.trial.run_trial`` returns: the eight metrics of the perplexity and speed
    evaluators plus ``params`` and ``size_mb``, with their registered directions; evidence
    with the method's details; the environment (hardware, packages, git sha); ~4 % failed or
@@ -72,10 +76,9 @@ from orchestrator.db.store import (
     RESULT_STATUSES,
     fingerprint,
     json_safe,
-    mark_running,
-    record_result,
     register_sweep,
 )
+from orchestrator.db.writer import ResultWriter
 from workers.evaluators import MODEL_METRICS, evaluators, metric_directions
 
 
@@ -417,14 +420,22 @@ class IngestFigures:
 
     results: int
     seconds: float
+    transactions: int  # the writer's commits
 
     @property
     def per_s(self) -> float:
         return self.results / self.seconds
 
 
-def bench_ingest(url: str, n_results: int) -> IngestFigures:
-    """Write ``n_results`` results through the driver's path, one after the other; time it."""
+def bench_ingest(url: str, n_results: int, one_at_a_time: bool = False) -> IngestFigures:
+    """Feed ``n_results`` trial starts and results to the driver's writer; time until stored.
+
+    Default: as the callback does when results arrive faster than they are written (many
+    trials ending together): events are handed over without waiting, and the writer
+    commits whatever has queued up in one transaction. ``one_at_a_time``: each result is
+    committed before the next arrives (the latency of a lone result, a trial every few
+    seconds).
+    """
     layout = SweepLayout("ingest", 1.0, (0, 3, 6, 11), (0,), (DROP_TOP, MASK_GLOBAL))
     spec, trials = grid(layout, n_results)
     engine = ensure_schema(url, create=True)
@@ -434,12 +445,14 @@ def bench_ingest(url: str, n_results: int) -> IngestFigures:
     # The callback receives each result as the JSON payload the trainable reported.
     payloads = [json.dumps(result_dict(t, spec.name)) for t in trials]
 
+    writer = ResultWriter(engine, spec.name)
     started = time.perf_counter()
     for trial, payload in zip(trials, payloads, strict=True):
-        with session_scope(engine, write=True) as session:  # on_trial_start
-            mark_running(session, spec.name, trial.trial_key)
-        with session_scope(engine, write=True) as session:  # on_trial_result
-            record_result(session, spec.name, trial.trial_key, json.loads(payload))
+        writer.started(trial.trial_key)  # on_trial_start
+        writer.finished(trial.trial_key, json.loads(payload))  # on_trial_result
+        if one_at_a_time:
+            writer.flush()
+    writer.close()
     seconds = time.perf_counter() - started
 
     # A benchmark that silently wrote nothing would be fast; check every result landed.
@@ -449,10 +462,12 @@ def bench_ingest(url: str, n_results: int) -> IngestFigures:
         finished = session.scalar(
             select(func.count()).select_from(Trial).where(Trial.status.in_(RESULT_STATUSES)))
         stored_metrics = session.scalar(select(func.count()).select_from(Metric))
-    if finished != len(trials) or stored_metrics != expected_metrics:
-        raise RuntimeError(f"ingest wrote {finished} results / {stored_metrics} metrics, "
-                           f"expected {len(trials)} / {expected_metrics}")
-    return IngestFigures(len(trials), seconds)
+        attempts = session.scalar(select(func.sum(Trial.attempts)))
+    if (finished, stored_metrics, attempts) != (len(trials), expected_metrics, len(trials)):
+        raise RuntimeError(f"ingest wrote {finished} results / {stored_metrics} metrics / "
+                           f"{attempts} attempts, expected {len(trials)} / "
+                           f"{expected_metrics} / {len(trials)}")
+    return IngestFigures(len(trials), seconds, writer.batches)
 
 
 # --------------------------------------------------------------------------- 2. bulk load
@@ -638,8 +653,13 @@ def run_backend(backend: Backend, args: argparse.Namespace,
     ingest = bench_ingest(backend.fresh_url("ingest"), args.n_ingest)
     ok = ingest.per_s >= INGEST_TARGET_PER_S
     print(f"ingest: {ingest.results} results in {ingest.seconds:.2f} s = "
-          f"{ingest.per_s:,.0f} results/s (target >= {INGEST_TARGET_PER_S:,.0f}) {verdict(ok)}",
-          flush=True)
+          f"{ingest.per_s:,.0f} results/s in {ingest.transactions} transactions "
+          f"(target >= {INGEST_TARGET_PER_S:,.0f}) {verdict(ok)}", flush=True)
+    lone = bench_ingest(backend.fresh_url("lone"), max(1, args.n_ingest // 4),
+                        one_at_a_time=True)
+    print(f"ingest one result at a time (each committed before the next): "
+          f"{lone.per_s:,.0f} results/s, {1000 / lone.per_s:.2f} ms per result "
+          f"(not a target)", flush=True)
     table.append((backend.name, f"ingest ({ingest.results} results)",
                   f"{ingest.per_s:,.0f} results/s", f">= {INGEST_TARGET_PER_S:,.0f}/s",
                   verdict(ok)))
