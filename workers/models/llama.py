@@ -1,4 +1,10 @@
-"""Llama-architecture family (LlamaForCausalLM and its close relatives)."""
+"""Llama-architecture family (LlamaForCausalLM and its close relatives).
+
+The layout most decoder-only models share, and the base of the Qwen and EXAONE
+adapters: ``model.model`` holds ``embed_tokens``, ``layers`` and ``norm``; each layer
+has ``self_attn`` (``q/k/v/o_proj``), ``mlp`` (``gate/up/down_proj``) and the pre-norms
+``input_layernorm`` / ``post_attention_layernorm``.
+"""
 
 from __future__ import annotations
 
@@ -13,37 +19,24 @@ class LlamaFamily(ModelFamily):
 
     model_types = ("llama", "mistral")
 
-    def decoder_layers(self, model: Any) -> Any:
-        return model.model.layers
-
-    def set_decoder_layers(self, model: Any, layers: list[Any]) -> None:
-        import torch
-
-        for index, layer in enumerate(layers):
-            # The KV cache is indexed by layer_idx; a stale index after dropping layers
-            # would make generation read another layer's cache.
-            layer.self_attn.layer_idx = index
-        model.model.layers = torch.nn.ModuleList(layers)
-        config = model.config
-        kept_types = getattr(config, "layer_types", None)
-        config.num_hidden_layers = len(layers)
-        if kept_types is not None:
-            config.layer_types = list(kept_types)[: len(layers)]
+    def language_model(self, model: Any) -> Any:
+        return model.model
 
     def attention(self, layer: Any) -> Any:
         return layer.self_attn
 
-    def num_heads(self, model: Any) -> int:
-        return int(model.config.num_attention_heads)
+    def attention_projections(self, layer: Any) -> dict[str, Any]:
+        attention = layer.self_attn
+        return {"q": attention.q_proj, "k": attention.k_proj, "v": attention.v_proj,
+                "o": attention.o_proj}
 
-    def num_kv_heads(self, model: Any) -> int:
-        config = model.config
-        return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    def mlp(self, layer: Any) -> Any:
+        return layer.mlp
 
-    def head_dim(self, model: Any) -> int:
-        config = model.config
-        return int(getattr(config, "head_dim", None)
-                   or config.hidden_size // config.num_attention_heads)
+    def mlp_projections(self, layer: Any) -> dict[str, Any]:
+        mlp = layer.mlp
+        return {"gate": mlp.gate_proj, "up": mlp.up_proj, "down": mlp.down_proj}
 
-    def attention_output_projection(self, layer: Any) -> Any:
-        return layer.self_attn.o_proj
+    def norms(self, layer: Any) -> dict[str, Any]:
+        return {"input_layernorm": layer.input_layernorm,
+                "post_attention_layernorm": layer.post_attention_layernorm}
