@@ -42,14 +42,15 @@ def apply(model: Any, rate: float, config: DropLayersConfig, ctx: MethodContext)
     """Drop ``round(rate · L)`` layers from ``config.from_``."""
     family = ctx.family
     layers = list(family.decoder_layers(model))
+    prefix = family.decoder_layers_prefix(model)  # model.layers, backbone.layers, …
     dropped = layers_to_drop(len(layers), rate, config.from_)
     kept = [i for i in range(len(layers)) if i not in dropped]
-    family.set_decoder_layers(model, [layers[i] for i in kept])
+    family.set_decoder_layers(model, [layers[i] for i in kept], kept)
     # Bottom removal shifts layer indices; map names so evidence compares like with like.
     renamed = {}
     for new_index, old_index in enumerate(kept):
         if new_index != old_index:
             for name, _ in layers[old_index].named_parameters():
-                renamed[f"model.layers.{new_index}.{name}"] = f"model.layers.{old_index}.{name}"
+                renamed[f"{prefix}.{new_index}.{name}"] = f"{prefix}.{old_index}.{name}"
     info = {"layers_before": len(layers), "layers_after": len(kept), "dropped_layers": dropped}
     return MethodOutcome(model=model, info=info, renamed=renamed)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from workers.methods import get_method
+from workers.methods import MethodContext, get_method
 from workers.methods.drop_layers import DropLayersConfig, layers_to_drop
 
 PROBE = torch.tensor([[256, 72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100]])
@@ -73,3 +73,30 @@ def test_generation_with_kv_cache_after_dropping(random_llama, context):
 def test_config_rejects_unknown_keys():
     with pytest.raises(ValueError):
         DropLayersConfig.model_validate({"form": "top"})
+
+
+@pytest.mark.parametrize("model_type", ["mamba", "llava"])
+def test_bottom_drop_evidence_names_the_family_s_layers(tmp_path, model_type):
+    """Dropping from the bottom shifts layer indices: the renamed map must use the family's
+    own layer prefix (backbone.layers, model.language_model.layers), or the evidence would
+    count every shifted layer as changed."""
+    import copy
+
+    import tiny_models
+
+    from workers.models import load_model
+    from workers.trial import changed_fraction
+
+    loaded = load_model(f"local:{tiny_models.BUILDERS[model_type](tmp_path / model_type)}")
+    method = get_method("drop_layers")
+    layers = loaded.family.decoder_layers(loaded.model)
+    one_layer = sum(p.numel() for p in layers[0].parameters())
+    total = sum(p.numel() for p in loaded.model.parameters())
+    context = MethodContext(tokenizer=loaded.tokenizer, family=loaded.family, seed=0,
+                            device="cpu", calibration_documents=lambda *_: [])
+    rate = 1 / len(layers)
+    outcome = method.apply(copy.deepcopy(loaded.model), rate,
+                           method.config.model_validate({"from": "bottom"}), context)
+    assert outcome.renamed, "bottom removal must rename the shifted layers"
+    assert changed_fraction(loaded.model, outcome.model, outcome.renamed) == pytest.approx(
+        one_layer / total)
