@@ -132,6 +132,10 @@ class SpeedSettings(_Strict):
     prompt_length: int = Field(default=64, ge=1)
     new_tokens: int = Field(default=32, ge=1)
     batch_size: int = Field(default=1, ge=1)
+    # Real prompts: the first ``prompts`` samples of the dataset at their own length (cut to
+    # ``prompt_length``), each generating ``new_tokens``: latency percentiles, samples/s and
+    # tokens/s. 0 measures only the fixed-shape protocol above.
+    prompts: int = Field(default=16, ge=0)
 
 
 class MultipleChoiceSettings(_Strict):
