@@ -147,6 +147,15 @@ class MultipleChoiceSettings(_Strict):
     max_length: int | None = Field(default=None, ge=2)
 
 
+class GenerationSettings(_Strict):
+    """How the generation evaluator prompts and stops (see its module docstring)."""
+
+    template: str = Field(default="{prompt}", min_length=1)
+    max_new_tokens: int = Field(default=16, ge=1, le=4096)
+    max_prompt_tokens: int = Field(default=512, ge=1)
+    stop: list[str] = Field(default_factory=lambda: ["\n"])
+
+
 class EvaluationSettings(_Strict):
     """What every trial measures and how."""
 
@@ -160,6 +169,7 @@ class EvaluationSettings(_Strict):
     probe_length: int = Field(default=32, ge=2)
     speed: SpeedSettings = Field(default_factory=SpeedSettings)
     multiple_choice: MultipleChoiceSettings = Field(default_factory=MultipleChoiceSettings)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
     # A limit, not a setting of the measurement: it is left out of the trial key.
     timeout_s: float | None = Field(default=None, gt=0)
 
