@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -30,6 +30,27 @@ class _Strict(BaseModel):
     # strict: a rate written as "0.5" or true is a mistake to report, not a value to coerce
     # (coercion would also hide it from the range and duplicate checks).
     model_config = ConfigDict(extra="forbid", strict=True)
+    # The fields of the first release: always part of trial keys. A field added later is in
+    # a key only when set to something other than its default, so adding a field never
+    # changes the keys of stored trials (None: every field is always in the key).
+    _first_key_fields: ClassVar[frozenset[str] | None] = None
+
+
+def key_dict(entry: _Strict) -> dict[str, Any]:
+    """The part of ``entry`` that identifies what a trial measures (see ``_Strict``)."""
+    out: dict[str, Any] = {}
+    first = entry._first_key_fields
+    dumped = entry.model_dump(mode="json", by_alias=True)
+    for name, info in type(entry).model_fields.items():
+        value = getattr(entry, name)
+        key = info.alias or name
+        rendered = key_dict(value) if isinstance(value, _Strict) else dumped[key]
+        if first is not None and name not in first:
+            default = info.get_default(call_default_factory=True)
+            if value == default:
+                continue
+        out[key] = rendered
+    return out
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -65,6 +86,8 @@ _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.const
 class ModelEntry(_Strict):
     """One base model: a built-in name, a ``llama2c:`` checkpoint, a local directory or a hub id."""
 
+    _first_key_fields = frozenset({"id", "source", "dtype", "trust_remote_code"})
+
     id: str = Field(min_length=1)
     source: Literal["builtin", "llama2c", "local", "hub"] | None = None
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
@@ -80,25 +103,64 @@ class MethodEntry(_Strict):
 
 
 class DatasetEntry(_Strict):
-    """One evaluation dataset."""
+    """One evaluation dataset: where its records are, what they mean, which subset."""
+
+    _first_key_fields = frozenset({"name", "split", "limit"})
 
     name: str = Field(min_length=1)
+    source: Literal["builtin", "local", "hub"] | None = None
+    format: str | None = Field(default=None, min_length=1)
     split: str | None = None
+    config: str | None = None
     limit: int | None = Field(default=None, gt=0)
+    # Seed of the subset ``limit`` draws from a question dataset; the sweep's seed if unset.
+    seed: int | None = None
+    fields: dict[str, str] = Field(default_factory=dict)
+    images: str | None = None
+    # Evaluators for this dataset instead of ``evaluation.metrics``.
+    metrics: list[str] | None = Field(default=None, min_length=1)
 
 
 class SpeedSettings(_Strict):
     """How the speed evaluator measures: warm-up runs, timed repeats (median), shapes."""
+
+    _first_key_fields = frozenset({"warmup", "repeats", "prompt_length", "new_tokens",
+                                   "batch_size"})
 
     warmup: int = Field(default=2, ge=0)
     repeats: int = Field(default=5, ge=1)
     prompt_length: int = Field(default=64, ge=1)
     new_tokens: int = Field(default=32, ge=1)
     batch_size: int = Field(default=1, ge=1)
+    # Real prompts: the first ``prompts`` samples of the dataset at their own length (cut to
+    # ``prompt_length``), each generating ``new_tokens``: latency percentiles, samples/s and
+    # tokens/s. 0 measures only the fixed-shape protocol above.
+    prompts: int = Field(default=16, ge=0)
+
+
+class MultipleChoiceSettings(_Strict):
+    """How the multiple_choice evaluator builds its requests (see its module docstring)."""
+
+    template: str = Field(default="{prompt}", min_length=1)
+    delimiter: str = " "
+    # Longest input; the model's position limit when unset.
+    max_length: int | None = Field(default=None, ge=2)
+
+
+class GenerationSettings(_Strict):
+    """How the generation evaluator prompts and stops (see its module docstring)."""
+
+    template: str = Field(default="{prompt}", min_length=1)
+    max_new_tokens: int = Field(default=16, ge=1, le=4096)
+    max_prompt_tokens: int = Field(default=512, ge=1)
+    stop: list[str] = Field(default_factory=lambda: ["\n"])
 
 
 class EvaluationSettings(_Strict):
     """What every trial measures and how."""
+
+    _first_key_fields = frozenset({"metrics", "batch_size", "max_length", "stride",
+                                   "probe_length", "speed"})
 
     metrics: list[str] = Field(default_factory=lambda: ["perplexity", "speed"], min_length=1)
     batch_size: int = Field(default=8, ge=1)
@@ -106,6 +168,8 @@ class EvaluationSettings(_Strict):
     stride: int | None = Field(default=None, ge=1)
     probe_length: int = Field(default=32, ge=2)
     speed: SpeedSettings = Field(default_factory=SpeedSettings)
+    multiple_choice: MultipleChoiceSettings = Field(default_factory=MultipleChoiceSettings)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
     # A limit, not a setting of the measurement: it is left out of the trial key.
     timeout_s: float | None = Field(default=None, gt=0)
 
@@ -463,11 +527,75 @@ def _semantic_problems(data: dict[str, Any], check_sources: bool) -> list[tuple[
             problems.append((("score", "quality_metric"), f"unknown quality metric {quality!r}"
                              + did_you_mean(quality, choices)))
 
+    problems.extend(_dataset_problems(data, known_evaluators))
     problems.extend(_duplicate_problems(data, "models", "id"))
     problems.extend(_duplicate_problems(data, "datasets", "name"))
     if check_sources:
         problems.extend(_source_problems(data))
     return problems
+
+
+def _dataset_problems(data: dict[str, Any], known_evaluators: dict[str, Any]
+                      ) -> list[tuple[tuple, str]]:
+    """Formats and their fields exist, and each dataset's evaluators can score its kind."""
+    from workers.data import DatasetError, formats, resolve
+
+    entries = data.get("datasets")
+    if not isinstance(entries, list):
+        return []
+    known_formats = formats()
+    evaluation = data.get("evaluation") if isinstance(data.get("evaluation"), dict) else {}
+    default_metrics = evaluation.get("metrics", EvaluationSettings().metrics)
+    out: list[tuple[tuple, str]] = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            continue
+        fmt = entry.get("format")
+        if isinstance(fmt, str) and fmt not in known_formats:
+            out.append((("datasets", i, "format"), f"unknown dataset format {fmt!r}"
+                        + did_you_mean(fmt, known_formats)
+                        + f"; formats: {', '.join(sorted(known_formats))}"))
+            continue
+        fields = entry.get("fields")
+        if isinstance(fmt, str) and isinstance(fields, dict):
+            allowed = known_formats[fmt].fields
+            for key in fields:
+                if key not in allowed:
+                    hint = (f"format {fmt} maps {', '.join(sorted(allowed))}" if allowed
+                            else f"format {fmt} has a fixed layout and takes no fields")
+                    out.append((("datasets", i, "fields", key), f"unknown key {key!r}"
+                                + did_you_mean(str(key), allowed) + f"; {hint}"))
+        own = entry.get("metrics")
+        if isinstance(own, list):
+            seen: set[str] = set()
+            for j, name in enumerate(own):
+                if isinstance(name, str) and name not in known_evaluators:
+                    out.append((("datasets", i, "metrics", j), f"unknown evaluator {name!r}"
+                                + did_you_mean(name, known_evaluators)
+                                + f"; known: {', '.join(sorted(known_evaluators))}"))
+                elif name in seen:
+                    out.append((("datasets", i, "metrics", j), f"duplicate evaluator {name!r}"))
+                seen.add(name)
+        try:
+            DatasetEntry.model_validate(entry)
+            kind = known_formats[resolve(entry).format].kind
+        except (ValidationError, DatasetError):
+            continue  # reported by the structural pass or the source check
+        metrics = own if isinstance(own, list) else default_metrics
+        if not isinstance(metrics, list):
+            continue
+        for j, name in enumerate(metrics):
+            info = known_evaluators.get(name) if isinstance(name, str) else None
+            if info is None or kind in info.kinds:
+                continue
+            able = sorted(n for n, e in known_evaluators.items() if kind in e.kinds)
+            where = ("datasets", i, "metrics", j) if isinstance(own, list) else ("datasets", i)
+            out.append((where, f"evaluator {name} cannot score {kind} samples (it scores "
+                        f"{', '.join(info.kinds)}); "
+                        + ("use one of " if isinstance(own, list) else
+                           "set this dataset's metrics to evaluators that can: ")
+                        + ", ".join(able)))
+    return out
 
 
 def _stable_json(obj: Any) -> str:
@@ -519,11 +647,15 @@ def _source_problems(data: dict[str, Any]) -> list[tuple[tuple, str]]:
             if not check.ok:
                 out.append((("models", i, "id"), check.message))
     for i, entry in enumerate(data.get("datasets") or []):
-        if isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry["name"]:
-            split = entry.get("split") if isinstance(entry.get("split"), str) else None
-            check = check_dataset(entry["name"], split)
-            if not check.ok:
-                out.append((("datasets", i, "name"), check.message))
+        if not isinstance(entry, dict):
+            continue
+        try:
+            DatasetEntry.model_validate(entry)
+        except ValidationError:
+            continue  # the structural pass reports it; a malformed entry cannot be read
+        check = check_dataset(entry)
+        if not check.ok:
+            out.append((("datasets", i, "name"), check.message))
     return out
 
 
@@ -556,13 +688,15 @@ def expand(spec: SweepSpec) -> list[TrialSpec]:
     registry = methods()
     # Limits are not part of what is measured: changing them must not change trial keys.
     evaluation = spec.evaluation.model_dump(mode="json", exclude={"timeout_s"})
+    evaluation_key = key_dict(spec.evaluation)
+    evaluation_key.pop("timeout_s", None)
     limits = {"trial_timeout_s": spec.trial_timeout_s,
               "evaluation_timeout_s": spec.evaluation.timeout_s}
     trials: list[TrialSpec] = []
     for model in spec.models:
-        model_dict = model.model_dump(mode="json")
+        model_dict, model_key = model.model_dump(mode="json"), key_dict(model)
         for dataset in spec.datasets:
-            dataset_dict = dataset.model_dump(mode="json")
+            dataset_dict, dataset_key = dataset.model_dump(mode="json"), key_dict(dataset)
             grid: list[tuple[str, dict, float | None]] = [(BASELINE_METHOD, {}, None)]
             for method in spec.methods:
                 # Defaults are filled in so that spelling a default out does not change the key.
@@ -570,8 +704,8 @@ def expand(spec: SweepSpec) -> list[TrialSpec]:
                     mode="json", by_alias=True)
                 grid.extend((method.name, params, float(rate)) for rate in method.rates)
             for method_name, params, rate in grid:
-                key = trial_key(model_dict, method_name, params, rate, dataset_dict,
-                                evaluation, spec.seed)
+                key = trial_key(model_key, method_name, params, rate, dataset_key,
+                                evaluation_key, spec.seed)
                 config = {
                     "trial_key": key, "sweep": spec.name, "model": model_dict,
                     "method": {"name": method_name, "params": params, "rate": rate},

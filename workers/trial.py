@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from workers import cache, result_files
-from workers.data import load_documents, token_stream
+from workers.data import Dataset, load_dataset, load_documents, token_stream
 from workers.deadline import Deadline
 from workers.evaluators import MODEL_METRICS, evaluators
 from workers.memory import is_out_of_memory, run_with_backoff
@@ -131,9 +131,17 @@ def _documents(name: str, split: str | None, limit: int | None, seed: int) -> tu
     return tuple(load_documents(name, split, limit, seed))
 
 
-def documents(dataset: dict[str, Any], seed: int) -> list[str]:
-    """The dataset's documents (cached per process)."""
-    return list(_documents(dataset["name"], dataset.get("split"), dataset.get("limit"), seed))
+_datasets: dict[str, Dataset] = {}
+
+
+def dataset(entry: dict[str, Any], seed: int) -> Dataset:
+    """The samples of the trial's dataset entry (read once per process)."""
+    key = cache.stable_hash([entry, seed])
+    if key not in _datasets:
+        if len(_datasets) >= 16:
+            _datasets.pop(next(iter(_datasets)))
+        _datasets[key] = load_dataset(entry, seed)
+    return _datasets[key]
 
 
 _probe_cache: dict[str, Any] = {}
@@ -221,8 +229,8 @@ def run_trial(config: dict[str, Any], deadline: Deadline | None = None) -> dict[
     evaluation = config["evaluation"]
 
     loaded = base_model(config, device)
-    docs = documents(config["dataset"], int(config.get("seed", 0)))
-    probe = probe_batch(loaded, docs, int(evaluation.get("probe_length", 32)), device)
+    data = dataset(config["dataset"], int(config.get("seed", 0)))
+    probe = probe_batch(loaded, data.documents(), int(evaluation.get("probe_length", 32)), device)
     probe_key = cache.stable_hash([config["model"], device, probe.tolist()])
     if probe_key not in _probe_cache:
         _probe_cache[probe_key] = logits_of(loaded.model, probe)
@@ -287,12 +295,14 @@ def run_trial(config: dict[str, Any], deadline: Deadline | None = None) -> dict[
     metrics: dict[str, dict[str, Any]] = {}
     batches: dict[str, dict[str, Any]] = {}
     registry = evaluators()
-    for name in evaluation["metrics"]:
+    # A dataset may name its own evaluators (a multiple-choice set has no perplexity).
+    for name in config["dataset"].get("metrics") or evaluation["metrics"]:
         info = registry[name]
         with deadline.evaluation(name):
             values, batch = run_with_backoff(
-                lambda settings, info=info: info.evaluate(variant, loaded.tokenizer, docs,
-                                                          settings, device=device),
+                lambda settings, info=info: info.evaluate(
+                    variant, loaded.tokenizer, data, settings, device=device,
+                    processor=getattr(loaded, "processor", None)),
                 evaluation, info.batch_setting, name)
         batches[name] = batch.as_dict()
         for metric, value in values.items():

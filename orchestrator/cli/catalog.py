@@ -1,4 +1,4 @@
-"""``sweep methods``: what the registries hold."""
+"""``sweep methods``, ``sweep evaluators``, ``sweep datasets``: what the registries hold."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from orchestrator.cli.render import Format, render
 def register(app: typer.Typer) -> None:
     """Add the commands of this group to ``app``."""
     app.command()(methods)
+    app.command()(evaluators)
+    app.command()(datasets)
 
 
 def _params(config_cls) -> dict:
@@ -40,5 +42,60 @@ def methods(fmt: Format = typer.Option(Format.table, "--format")) -> None:
             for r in rows]
     text = render(flat, ["name", "description", "rate", "params"], fmt, title="methods",
                   json_payload=rows)
+    if text is not None:
+        print(text)
+
+
+def _setting_defaults(paths: tuple[str, ...]) -> dict:
+    """Defaults of the given ``evaluation`` settings (a section expands to its fields)."""
+    from orchestrator.spec import EvaluationSettings
+
+    defaults = EvaluationSettings().model_dump(mode="json", exclude={"metrics", "timeout_s"})
+    out = {}
+    for path in paths:
+        value = defaults
+        for part in path.split("."):
+            value = value[part]
+        if isinstance(value, dict):
+            out.update({f"{path}.{k}": v for k, v in value.items()})
+        else:
+            out[path] = value
+    return out
+
+
+def evaluators(fmt: Format = typer.Option(Format.table, "--format")) -> None:
+    """Evaluators: the metrics they produce (with direction), dataset kinds, settings."""
+    from workers.evaluators import evaluators as registry
+
+    rows = []
+    for name, info in sorted(registry().items()):
+        rows.append({"name": name, "description": info.description,
+                     "metrics": dict(info.metrics), "kinds": list(info.kinds),
+                     "settings": _setting_defaults(info.settings),
+                     "batch_setting": ".".join(info.batch_setting or ()) or None})
+    flat = [dict(r, metrics=", ".join(f"{m} ({d or 'info'})" for m, d in r["metrics"].items()),
+                 kinds=", ".join(r["kinds"]),
+                 settings=", ".join(f"{k}={v!r}" for k, v in r["settings"].items()))
+            for r in rows]
+    text = render(flat, ["name", "metrics", "kinds", "settings", "description"], fmt,
+                  title="evaluators", json_payload=rows)
+    if text is not None:
+        print(text)
+
+
+def datasets(fmt: Format = typer.Option(Format.table, "--format")) -> None:
+    """Dataset formats: the kind of samples each yields and the fields it maps."""
+    from workers.data import BUILTIN_DATASETS, SOURCES, formats
+
+    rows = []
+    for name, info in sorted(formats().items()):
+        rows.append({"format": name, "kind": info.kind, "description": info.description,
+                     "fields": dict(info.fields)})
+    flat = [dict(r, fields=", ".join(f"{k}={v!r}" for k, v in r["fields"].items()) or "-")
+            for r in rows]
+    payload = {"formats": rows, "sources": list(SOURCES),
+               "builtin": {f"builtin:{n}": list(s) for n, s in BUILTIN_DATASETS.items()}}
+    text = render(flat, ["format", "kind", "fields", "description"], fmt, title="dataset formats",
+                  json_payload=payload)
     if text is not None:
         print(text)

@@ -46,11 +46,25 @@ def test_trial_keys_are_stable_and_defaults_do_not_change_them():
                                     "params": {"from": "top"}}, GOOD["methods"][1]])
     b = spec.expand(loads(explicit))
     assert [t.trial_key for t in a] == [t.trial_key for t in b]
-    # A known key: the canonical JSON is part of the contract (stored keys must stay valid).
+    # Known keys: the canonical JSON is part of the contract (stored keys must stay valid),
+    # and fields added to the spec since keep them as they were while left at their default.
+    legacy_evaluation = {
+        "metrics": ["perplexity", "speed"], "batch_size": 8, "max_length": 128, "stride": None,
+        "probe_length": 32, "speed": {"warmup": 2, "repeats": 5, "prompt_length": 64,
+                                      "new_tokens": 32, "batch_size": 1}}
     assert a[0].trial_key == spec.trial_key(
         {"id": "builtin:tiny-llama", "source": None, "dtype": None, "trust_remote_code": False},
         "none", {}, None, {"name": "builtin:pydoc", "split": None, "limit": None},
-        spec.EvaluationSettings().model_dump(mode="json", exclude={"timeout_s"}), 0)
+        legacy_evaluation, 0)
+    assert [t.trial_key for t in a] == [
+        "e20e46d38bbb1198341074253540ee357e4c9243e2e411cbe27c8c33f8a8c19b",
+        "27d5064a958db4fdce7351cbc23cbdd2caea665fec76b226230977e467a2dfca",
+        "f2ba34b3f1c549fda98fb391d32faf62cce2b3920820dc46640f3d62cc3c753b",
+        "4d143dddcf9d3352a1b183087556ec6e508daca54315ec1ae2bf5622afcca989"]
+    # A later field set to a non-default value does change them.
+    templated = dict(GOOD, evaluation={"multiple_choice": {"template": "Q: {question}"}})
+    assert {t.trial_key for t in spec.expand(loads(templated))}.isdisjoint(
+        {t.trial_key for t in a})
     # Limits and retries decide how a trial is run, not what it measures.
     limited = dict(GOOD, max_attempts=3, trial_timeout_s=60,
                    evaluation=dict(GOOD.get("evaluation", {}), timeout_s=30))

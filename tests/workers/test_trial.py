@@ -112,3 +112,33 @@ def test_failure_result_carries_type_message_traceback():
     assert result["status"] == "failed"
     assert result["error"]["type"] == "ValueError" and result["error"]["message"] == "boom"
     assert "raise ValueError" in result["error"]["traceback"]
+
+
+def test_multiple_choice_trial_on_openbookqa(shared_data):
+    """The real aidreams260K model, OpenBookQA, the dataset's own evaluators: the trial's
+    acc equals the evaluator run directly on the same subset."""
+    from workers.data import load_dataset
+    from workers.evaluators import evaluators
+    from workers.models import load_model
+
+    dataset = {"name": str(shared_data / "openbookqa" / "openbookqa.jsonl"),
+               "format": "openbookqa", "limit": 24, "metrics": ["multiple_choice"]}
+    cfg = dict(config("drop_layers", 0.25), dataset=dataset,
+               model={"id": f"llama2c:{shared_data / 'aidreams260K'}"})
+    result = trial.run_trial(cfg)
+    assert result["status"] == "done"
+    metrics = {name: m["value"] for name, m in result["metrics"].items()}
+    assert set(metrics) == {"acc", "acc_norm", "mc_samples", "mc_truncated", "params", "size_mb"}
+    assert metrics["mc_samples"] == 24
+    assert result["metrics"]["acc"]["direction"] == "higher"
+
+    loaded = load_model(f"llama2c:{shared_data / 'aidreams260K'}")
+    from workers.methods import MethodContext, get_method
+
+    method = get_method("drop_layers")
+    variant = method.apply(copy.deepcopy(loaded.model), 0.25, method.config(), MethodContext(
+        tokenizer=loaded.tokenizer, family=loaded.family, seed=0, device="cpu",
+        calibration_documents=lambda *_: [])).model
+    direct = evaluators()["multiple_choice"].evaluate(
+        variant, loaded.tokenizer, load_dataset(dataset, 0), {"batch_size": 8})
+    assert metrics["acc"] == direct["acc"] and metrics["acc_norm"] == direct["acc_norm"]

@@ -1,8 +1,11 @@
 """Evaluators, registered by name; each declares its metrics and their directions.
 
-An evaluator is a function ``evaluate(model, tokenizer, documents, settings) -> dict``
-returning ``{metric_name: value}``; ``settings`` is the spec's ``evaluation`` section as
-a plain dict. Modules import torch inside functions only.
+An evaluator is a function ``evaluate(model, tokenizer, data, settings, device=...,
+processor=None) -> dict`` returning ``{metric_name: value}``: ``data`` is a
+:class:`workers.data.Dataset`, ``settings`` the spec's ``evaluation`` section as a plain
+dict, ``processor`` the model's image processor for vision-language models. Each
+evaluator declares the dataset kinds it can score (``kinds``); the spec is refused when
+a dataset's kind is not among them. Modules import torch inside functions only.
 """
 
 from __future__ import annotations
@@ -27,24 +30,36 @@ class EvaluatorInfo:
     # Path of the setting that sets its batch size, halved when the evaluation runs out
     # of memory; None when the evaluator has no batch to shrink.
     batch_setting: tuple[str, ...] | None = None
+    # Dataset kinds (workers.data.KINDS) it can score.
+    kinds: tuple[str, ...] = ("text",)
+    # The settings of the spec's ``evaluation`` section it reads (dotted paths).
+    settings: tuple[str, ...] = ()
 
 
 _EVALUATORS: dict[str, EvaluatorInfo] = {}
 
 
 def register_evaluator(name: str, *, metrics: dict[str, Direction], description: str,
-                       batch_setting: tuple[str, ...] | None = None):
+                       kinds: tuple[str, ...], batch_setting: tuple[str, ...] | None = None,
+                       settings: tuple[str, ...] = ()):
     """Register ``evaluate`` under ``name``; ``metrics`` maps metric name → direction.
 
     ``batch_setting`` is the path of the evaluation setting holding the evaluator's batch
     size (``("batch_size",)``, ``("speed", "batch_size")``), halved on out-of-memory.
+    ``kinds`` are the dataset kinds it scores; ``settings`` the evaluation settings it
+    reads (``"max_length"``, ``"speed"`` for a whole section), for ``sweep evaluators``.
     """
+    from workers.data import KINDS
+
+    unknown = [k for k in kinds if k not in KINDS]
+    if not kinds or unknown:
+        raise ValueError(f"evaluator {name!r}: kinds must be a non-empty subset of {KINDS}")
 
     def wrap(evaluate: Callable[..., dict[str, float]]) -> Callable[..., dict[str, float]]:
         if name in _EVALUATORS:
             raise ValueError(f"evaluator {name!r} registered twice")
         _EVALUATORS[name] = EvaluatorInfo(name, description, dict(metrics), evaluate,
-                                          batch_setting)
+                                          batch_setting, tuple(kinds), tuple(settings))
         return evaluate
 
     return wrap

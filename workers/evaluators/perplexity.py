@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from workers.data import token_stream
+from workers.data import Dataset, token_stream
 from workers.evaluators import register_evaluator
 
 
@@ -81,13 +81,15 @@ def sum_log_likelihood(model: Any, ids: list[int], max_length: int, stride: int,
     description="Token-level perplexity, sliding window (max_length, stride) over BOS-separated "
                 "documents.",
     batch_setting=("batch_size",),
+    kinds=("text",),
+    settings=("max_length", "stride", "batch_size"),
 )
-def evaluate(model: Any, tokenizer: Any, documents: list[str], settings: dict[str, Any],
-             device: str = "cpu") -> dict[str, float]:
-    """Perplexity of ``model`` on ``documents`` (see module docstring for the definition)."""
+def evaluate(model: Any, tokenizer: Any, data: Dataset, settings: dict[str, Any],
+             device: str = "cpu", processor: Any = None) -> dict[str, float]:
+    """Perplexity of ``model`` on the documents of ``data`` (definition: module docstring)."""
     max_length = int(settings["max_length"])
     stride = int(settings.get("stride") or max(1, max_length // 2))
-    ids = token_stream(tokenizer, documents)
+    ids = token_stream(tokenizer, data.documents())
     if len(ids) < 2:
         raise ValueError("the dataset has fewer than 2 tokens; nothing to score")
     total, count = sum_log_likelihood(model, ids, max_length, stride,

@@ -18,7 +18,7 @@ import statistics
 import time
 from typing import Any
 
-from workers.data import token_stream
+from workers.data import KINDS, Dataset, token_stream
 from workers.evaluators import register_evaluator
 
 
@@ -43,9 +43,11 @@ def _quartiles(values: list[float]) -> tuple[float, float]:
     description="Prefill tokens/s and greedy decode ms/token with KV cache (median of repeats), "
                 "peak memory.",
     batch_setting=("speed", "batch_size"),
+    kinds=KINDS,
+    settings=("speed",),
 )
-def evaluate(model: Any, tokenizer: Any, documents: list[str], settings: dict[str, Any],
-             device: str = "cpu") -> dict[str, float]:
+def evaluate(model: Any, tokenizer: Any, data: Dataset, settings: dict[str, Any],
+             device: str = "cpu", processor: Any = None) -> dict[str, float]:
     """Measure the speed of ``model`` as described in the module docstring."""
     import torch
 
@@ -53,7 +55,7 @@ def evaluate(model: Any, tokenizer: Any, documents: list[str], settings: dict[st
     prompt_length, new_tokens = int(speed["prompt_length"]), int(speed["new_tokens"])
     batch_size = int(speed["batch_size"])
     needed = batch_size * prompt_length
-    ids = token_stream(tokenizer, documents, max_tokens=needed)
+    ids = token_stream(tokenizer, data.documents(), max_tokens=needed)
     if len(ids) < needed:
         ids = (ids * (needed // max(len(ids), 1) + 1))  # short datasets: reuse their text
     prompts = torch.tensor(ids[:needed], dtype=torch.long, device=device)

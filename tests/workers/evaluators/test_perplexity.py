@@ -9,7 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workers.data import token_stream
+from workers.data import Dataset, token_stream
 from workers.evaluators import evaluators
 from workers.evaluators.perplexity import evaluate, windows
 
@@ -45,7 +45,7 @@ def independent_perplexity(model, ids, max_length, stride):
 def test_matches_independent_computation(random_llama, byte_tokenizer, max_length, stride,
                                          batch_size):
     settings = {"max_length": max_length, "stride": stride, "batch_size": batch_size}
-    result = evaluate(random_llama, byte_tokenizer, DOCS, settings)
+    result = evaluate(random_llama, byte_tokenizer, Dataset.of_texts(DOCS), settings)
     ids = token_stream(byte_tokenizer, DOCS)
     expected, count = independent_perplexity(random_llama, ids, max_length, stride)
     assert result["eval_tokens"] == count == len(ids) - 1
@@ -57,7 +57,7 @@ def test_one_window_equals_transformers_loss(random_llama, byte_tokenizer):
     tensor = torch.tensor([ids])
     with torch.no_grad():
         loss = float(random_llama(input_ids=tensor, labels=tensor).loss)
-    result = evaluate(random_llama, byte_tokenizer, DOCS,
+    result = evaluate(random_llama, byte_tokenizer, Dataset.of_texts(DOCS),
                       {"max_length": len(ids) + 1, "stride": 1, "batch_size": 1})
     assert result["nll_per_token"] == pytest.approx(loss, rel=1e-5)
 
@@ -77,7 +77,7 @@ def test_refuses_empty_text(random_llama, byte_tokenizer):
         bos_id = None
 
     with pytest.raises(ValueError, match="fewer than 2 tokens"):
-        evaluate(random_llama, Silent(), [""], {"max_length": 8, "batch_size": 1})
+        evaluate(random_llama, Silent(), Dataset.of_texts([""]), {"max_length": 8, "batch_size": 1})
 
 
 def test_real_model_perplexity_matches_numpy_reference(shared_data):
@@ -125,11 +125,11 @@ def test_real_model_perplexity_matches_numpy_reference(shared_data):
         def encode(self, text):
             return ids if text == "all" else []
 
-    ours = evaluate(loaded.model, Fixed(), ["all"], settings)["perplexity"]
+    ours = evaluate(loaded.model, Fixed(), Dataset.of_texts(["all"]), settings)["perplexity"]
     assert ours == pytest.approx(reference_ppl(4), rel=1e-4)
     method = get_method("drop_layers")
     context = MethodContext(tokenizer=loaded.tokenizer, family=loaded.family, seed=0,
                             device="cpu", calibration_documents=lambda *_: [])
     dropped = method.apply(loaded.model, 0.25, method.config(), context).model
-    assert evaluate(dropped, Fixed(), ["all"], settings)["perplexity"] == pytest.approx(
-        reference_ppl(3), rel=1e-4)
+    dropped_ppl = evaluate(dropped, Fixed(), Dataset.of_texts(["all"]), settings)["perplexity"]
+    assert dropped_ppl == pytest.approx(reference_ppl(3), rel=1e-4)

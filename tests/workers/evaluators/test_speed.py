@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from workers.data import Dataset
 from workers.evaluators import evaluators
 from workers.evaluators.speed import evaluate
 
@@ -18,7 +19,8 @@ def test_protocol_prefill_then_cached_single_token_steps(random_llama, byte_toke
 
     handle = random_llama.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        result = evaluate(random_llama, byte_tokenizer, ["short text"], SETTINGS)
+        result = evaluate(random_llama, byte_tokenizer, Dataset.of_texts(["short text"]),
+                          SETTINGS)
     finally:
         handle.remove()
     runs = 2 + 3
