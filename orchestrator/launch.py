@@ -366,6 +366,11 @@ def run(plan_: LaunchPlan, db_url: str, *, max_concurrent: int | None = None,
         if gpus > cluster_gpus:
             raise SweepError(f"resources.gpus_per_trial is {gpus:g} but the cluster has "
                              f"{cluster_gpus:g} GPUs; lower it or add GPU workers")
+        on_cuda = [i for i, m in enumerate(spec.models) if m.device == "cuda"]
+        if on_cuda and gpus == 0:
+            raise SweepError(f"models[{on_cuda[0]}].device is cuda but trials get no GPU (the "
+                             "cluster has none, or resources.gpus_per_trial is 0); use "
+                             "device: auto")
         cpus = spec.resources.cpus_per_trial
         sha = git_sha()
         configs = [dict(t.config, use_gpu=gpus > 0, cpus_per_trial=cpus, git_sha=sha,

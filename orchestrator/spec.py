@@ -92,6 +92,12 @@ class ModelEntry(_Strict):
     source: Literal["builtin", "llama2c", "local", "hub"] | None = None
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     trust_remote_code: bool = False
+    # Hub branch, tag or commit.
+    revision: str | None = Field(default=None, min_length=1)
+    # transformers' attention kernel (eager, sdpa, flash_attention_2, …); its default if unset.
+    attn_implementation: str | None = Field(default=None, min_length=1)
+    # auto: the trial's GPU when it has one, else the CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class MethodEntry(_Strict):
@@ -527,6 +533,12 @@ def _semantic_problems(data: dict[str, Any], check_sources: bool) -> list[tuple[
             problems.append((("score", "quality_metric"), f"unknown quality metric {quality!r}"
                              + did_you_mean(quality, choices)))
 
+    resources = data.get("resources") if isinstance(data.get("resources"), dict) else {}
+    if resources.get("gpus_per_trial") == 0:
+        for i, entry in enumerate(data.get("models") or []):
+            if isinstance(entry, dict) and entry.get("device") == "cuda":
+                problems.append((("models", i, "device"), "device cuda needs a GPU per trial, "
+                                 "but resources.gpus_per_trial is 0; use device: auto or cpu"))
     problems.extend(_dataset_problems(data, known_evaluators))
     problems.extend(_duplicate_problems(data, "models", "id"))
     problems.extend(_duplicate_problems(data, "datasets", "name"))
@@ -640,8 +652,9 @@ def _source_problems(data: dict[str, Any]) -> list[tuple[tuple, str]]:
     for i, entry in enumerate(data.get("models") or []):
         if isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"]:
             source = entry.get("source") if isinstance(entry.get("source"), str) else None
+            revision = entry.get("revision") if isinstance(entry.get("revision"), str) else None
             try:
-                check = check_model_id(entry["id"], source)
+                check = check_model_id(entry["id"], source, revision)
             except ValueError:
                 continue  # an unknown source is already reported by the structural pass
             if not check.ok:

@@ -110,11 +110,19 @@ def environment() -> dict[str, Any]:
 
 
 def _device(config: dict[str, Any]) -> str:
+    """The trial's device: its GPU when it was given one (unless the model entry says
+    ``device: cpu``), else the CPU; ``device: cuda`` without a GPU is an error."""
     import torch
 
-    if config.get("use_gpu") and torch.cuda.is_available():
-        return "cuda:0"  # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU
-    return "cpu"
+    wanted = (config.get("model") or {}).get("device") or "auto"
+    has_gpu = bool(config.get("use_gpu")) and torch.cuda.is_available()
+    if wanted == "cpu":
+        return "cpu"
+    if wanted == "cuda" and not has_gpu:
+        raise RuntimeError("model device is cuda but this trial has no GPU: set "
+                           "resources.gpus_per_trial, or device: auto")
+    # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU(s): the first visible one is ours.
+    return "cuda:0" if has_gpu else "cpu"
 
 
 def base_model(config: dict[str, Any], device: str) -> LoadedModel:
@@ -123,7 +131,8 @@ def base_model(config: dict[str, Any], device: str) -> LoadedModel:
     key = cache.stable_hash([entry, device])
     return cache.cached_model(key, lambda: load_model(
         entry["id"], dtype=entry.get("dtype"), device=device,
-        trust_remote_code=bool(entry.get("trust_remote_code")), source=entry.get("source")))
+        trust_remote_code=bool(entry.get("trust_remote_code")), source=entry.get("source"),
+        attn_implementation=entry.get("attn_implementation"), revision=entry.get("revision")))
 
 
 @lru_cache(maxsize=16)

@@ -1,4 +1,5 @@
-"""``sweep methods``, ``sweep evaluators``, ``sweep datasets``: what the registries hold."""
+"""``sweep methods``, ``sweep evaluators``, ``sweep datasets``, ``sweep models``: what the
+registries hold."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ def register(app: typer.Typer) -> None:
     app.command()(methods)
     app.command()(evaluators)
     app.command()(datasets)
+    app.command()(models)
 
 
 def _params(config_cls) -> dict:
@@ -96,6 +98,28 @@ def datasets(fmt: Format = typer.Option(Format.table, "--format")) -> None:
     payload = {"formats": rows, "sources": list(SOURCES),
                "builtin": {f"builtin:{n}": list(s) for n, s in BUILTIN_DATASETS.items()}}
     text = render(flat, ["format", "kind", "fields", "description"], fmt, title="dataset formats",
+                  json_payload=payload)
+    if text is not None:
+        print(text)
+
+
+def models(fmt: Format = typer.Option(Format.table, "--format")) -> None:
+    """Model families (matched by config.model_type), model sources and built-in models."""
+    from workers.models import SOURCES, model_families
+    from workers.models.builtin import BUILTIN_MODEL_NAMES
+
+    rows = []
+    for name, family in sorted(model_families().items()):
+        rows.append({"family": name, "model_types": list(family.model_types),
+                     "attention_heads": family.has_attention,
+                     "vision_language": family.is_vision_language,
+                     "post_norm": family.is_post_norm,
+                     "description": (type(family).__doc__ or "").strip().splitlines()[0]})
+    flat = [dict(r, model_types=", ".join(r["model_types"])) for r in rows]
+    payload = {"families": rows, "sources": list(SOURCES),
+               "builtin": [f"builtin:{n}" for n in BUILTIN_MODEL_NAMES]}
+    text = render(flat, ["family", "model_types", "attention_heads", "vision_language",
+                         "post_norm", "description"], fmt, title="model families",
                   json_payload=payload)
     if text is not None:
         print(text)

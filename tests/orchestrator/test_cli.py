@@ -97,3 +97,29 @@ def test_trust_remote_code_is_opt_in_and_warned(tmp_path):
                     "datasets: [{name: builtin:pydoc}]\n")
     quiet = cli("--db", f"sqlite:///{tmp_path / 'r.db'}", "launch", str(spec), "--dry-run")
     assert "warning" not in quiet.stderr
+
+
+def test_catalogs_json_list_what_the_registries_hold():
+    from workers.data import formats
+    from workers.evaluators import evaluators
+    from workers.models import model_families
+
+    rows = {r["name"]: r for r in json.loads(cli("evaluators", "--format", "json").stdout)}
+    assert set(rows) == set(evaluators())
+    assert rows["multiple_choice"]["kinds"] == ["multiple_choice"]
+    assert rows["multiple_choice"]["metrics"]["acc_norm"] == "higher"
+    assert rows["perplexity"]["settings"] == {"max_length": 128, "stride": None, "batch_size": 8}
+    assert rows["generation"]["settings"]["generation.max_new_tokens"] == 16
+
+    payload = json.loads(cli("datasets", "--format", "json").stdout)
+    assert {r["format"] for r in payload["formats"]} == set(formats())
+    assert {r["format"]: r["kind"] for r in payload["formats"]}["openbookqa"] == "multiple_choice"
+    assert payload["builtin"] == {"builtin:pydoc": ["train", "validation", "test"]}
+
+    payload = json.loads(cli("models", "--format", "json").stdout)
+    families = {r["family"]: r for r in payload["families"]}
+    assert set(families) == set(model_families())
+    assert families["mamba"]["attention_heads"] is False
+    assert families["llava"]["vision_language"] is True
+    assert families["exaone4"]["post_norm"] is True
+    assert "builtin:tiny-llama" in payload["builtin"]

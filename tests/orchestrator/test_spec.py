@@ -154,3 +154,17 @@ def test_qualified_ids():
     assert qualified_id("builtin:tiny-llama", "builtin") == "builtin:tiny-llama"
     assert qualified_id("org/model", "hub") == "hub:org/model"
     assert qualified_id("org/model", None) == "org/model"
+
+
+def test_model_loading_options():
+    data = dict(GOOD, models=[{"id": "builtin:tiny-llama", "attn_implementation": "eager",
+                               "device": "cpu"}])
+    trials = spec.expand(loads(data))
+    assert trials[0].config["model"]["attn_implementation"] == "eager"
+    assert {t.trial_key for t in trials}.isdisjoint({t.trial_key for t in spec.expand(
+        loads(GOOD))})
+    found = problems(dict(GOOD, models=[{"id": "builtin:tiny-llama", "device": "cuda"}],
+                          resources={"gpus_per_trial": 0}))
+    assert len(found) == 1 and "models[0].device: device cuda needs a GPU" in found[0]
+    found = problems(dict(GOOD, models=[{"id": "builtin:tiny-llama", "device": "tpu"}]))
+    assert len(found) == 1 and "models[0].device" in found[0]

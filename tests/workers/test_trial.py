@@ -142,3 +142,14 @@ def test_multiple_choice_trial_on_openbookqa(shared_data):
     direct = evaluators()["multiple_choice"].evaluate(
         variant, loaded.tokenizer, load_dataset(dataset, 0), {"batch_size": 8})
     assert metrics["acc"] == direct["acc"] and metrics["acc_norm"] == direct["acc_norm"]
+
+
+def test_device_follows_the_model_entry_and_the_trial_s_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert trial._device({"use_gpu": True, "model": {}}) == "cuda:0"
+    assert trial._device({"use_gpu": True, "model": {"device": "cpu"}}) == "cpu"
+    assert trial._device({"use_gpu": False, "model": {"device": "auto"}}) == "cpu"
+    with pytest.raises(RuntimeError, match="device is cuda but this trial has no GPU"):
+        trial._device({"use_gpu": False, "model": {"device": "cuda"}})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert trial._device({"use_gpu": True, "model": {}}) == "cpu"
