@@ -88,8 +88,12 @@ def truthfulqa(records: Records, request: DatasetRequest) -> list[Sample]:
         targets = record.get("mc1_targets")
         question = record.get("Question", record.get("question"))
         if isinstance(targets, dict):
-            choices = tuple(str(c) for c in targets["choices"])
-            answer = list(targets["labels"]).index(1)
+            choices = tuple(str(c) for c in targets.get("choices") or ())
+            labels = list(targets.get("labels") or ())
+            if len(labels) != len(choices) or labels.count(1) != 1:
+                raise DatasetError(f"{where(request, i)}: mc1_targets needs one label per choice "
+                                   "and exactly one label 1 (the correct choice)")
+            answer = labels.index(1)
         elif "Best Answer" in record and "Incorrect Answers" in record:
             # Correct answer first, as lm-evaluation-harness's truthfulqa_mc1 orders them.
             choices = (str(record["Best Answer"]).strip(),

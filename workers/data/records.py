@@ -60,7 +60,8 @@ def read_local(request: DatasetRequest) -> Records:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         records: Records = []
-        for number, line in enumerate(read_text(path).splitlines(), start=1):
+        # split("\n"), not splitlines(): JSON text may hold a raw U+2028 or U+0085.
+        for number, line in enumerate(read_text(path).split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -85,10 +86,20 @@ def read_local(request: DatasetRequest) -> Records:
         return data
     if suffix == ".csv":
         with path.open(encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            records = []
             try:
-                return [dict(row) for row in csv.DictReader(handle)]
+                for row in reader:
+                    # DictReader keeps extra values under None and fills missing ones with None.
+                    if None in row or None in row.values():
+                        raise DatasetError(
+                            f"{path}: line {reader.line_num} does not have one value for each of "
+                            f"the header's {len(reader.fieldnames or ())} columns; quote values "
+                            "that contain commas")
+                    records.append(dict(row))
             except (csv.Error, UnicodeDecodeError) as exc:
                 raise DatasetError(f"{path} is not readable as CSV: {exc}") from None
+            return records
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 

@@ -8,9 +8,14 @@ from workers.data import DatasetRequest, Records, Sample, register_format
 from workers.data._convert import field_value, text_of
 
 
+def _split_lines(text: str) -> list[str]:
+    # Line breaks only: str.splitlines() also splits at U+2028, U+0085, form feeds...
+    return re.split(r"\r\n|[\r\n]", text)
+
+
 def lines(text: str) -> list[str]:
     """One document per non-empty line."""
-    return [line for line in text.splitlines() if line.strip()]
+    return [line for line in _split_lines(text) if line.strip()]
 
 
 @register_format("text", kind="text", fields={"text": "text", "id": None},
@@ -38,7 +43,7 @@ def articles(text: str) -> list[str]:
     included), joined with newlines; blank lines at an article's ends are dropped.
     """
     out: list[list[str]] = []
-    for line in text.splitlines():
+    for line in _split_lines(text):
         if _ARTICLE_HEADING.match(line) or not out:
             out.append([])
         out[-1].append(line)
