@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestrator.errors import SpecError, did_you_mean
 
@@ -162,6 +162,23 @@ class GenerationSettings(_Strict):
     stop: list[str] = Field(default_factory=lambda: ["\n"])
 
 
+class ModalityDominanceSettings(_Strict):
+    """How modality_dominance measures (see its module docstring)."""
+
+    new_tokens: int = Field(default=8, ge=1, le=1024)
+    # Where the early/middle/late bands meet, as fractions of the depth.
+    bands: list[float] = Field(default_factory=lambda: [1 / 3, 2 / 3], min_length=2,
+                               max_length=2)
+    template: str = Field(default="{prompt}", min_length=1)
+
+    @field_validator("bands")
+    @classmethod
+    def _two_increasing_fractions(cls, bands: list[float]) -> list[float]:
+        if not 0 < bands[0] < bands[1] < 1:
+            raise ValueError("bands must be two increasing fractions in (0, 1), e.g. [0.33, 0.67]")
+        return bands
+
+
 class EvaluationSettings(_Strict):
     """What every trial measures and how."""
 
@@ -176,6 +193,8 @@ class EvaluationSettings(_Strict):
     speed: SpeedSettings = Field(default_factory=SpeedSettings)
     multiple_choice: MultipleChoiceSettings = Field(default_factory=MultipleChoiceSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    modality_dominance: ModalityDominanceSettings = Field(
+        default_factory=ModalityDominanceSettings)
     # A limit, not a setting of the measurement: it is left out of the trial key.
     timeout_s: float | None = Field(default=None, gt=0)
 
@@ -372,6 +391,8 @@ def _pydantic_message(err: dict[str, Any], model: type[BaseModel] | None = None)
                                           and not hint else "")
     if err["type"] == "missing":
         return "required field is missing"
+    if err["type"] == "value_error" and "error" in (err.get("ctx") or {}):
+        return str(err["ctx"]["error"])  # a validator's own sentence, without pydantic's prefix
     return err["msg"]
 
 
