@@ -29,12 +29,14 @@ def open_image(image: Any) -> Any:
     raise ValueError(f"cannot open an image from {type(image).__name__}")
 
 
-def prompt_with_image(processor: Any, text: str) -> str:
-    """The full prompt string for one image and ``text`` (see module docstring)."""
+def prompt_with_image(processor: Any, text: str, image: bool = True) -> str:
+    """The full prompt string for one image (or none) and ``text`` (see module docstring)."""
     if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"},
-                                                 {"type": "text", "text": text}]}]
-        return processor.apply_chat_template(messages, add_generation_prompt=True)
+        content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
+        return processor.apply_chat_template([{"role": "user", "content": content}],
+                                             add_generation_prompt=True)
+    if not image:
+        return text
     token = getattr(processor, "image_token", None)
     if not token:
         raise ValueError("the model's processor has neither a chat template nor an image token")
@@ -46,5 +48,12 @@ def image_inputs(processor: Any, text: str, image: Any, device: str) -> dict[str
     if processor is None:
         raise ValueError("image questions need a vision-language model and its processor")
     inputs = processor(text=[prompt_with_image(processor, text)], images=[open_image(image)],
+                       return_tensors="pt")
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in dict(inputs).items()}
+
+
+def text_inputs(processor: Any, text: str, device: str) -> dict[str, Any]:
+    """Processor outputs for a question without an image (same template, no image turn)."""
+    inputs = processor(text=[prompt_with_image(processor, text, image=False)],
                        return_tensors="pt")
     return {k: v.to(device) if hasattr(v, "to") else v for k, v in dict(inputs).items()}

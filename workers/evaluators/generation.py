@@ -7,7 +7,9 @@ tokens. Prompts are generated in batches of ``batch_size`` (left-padded, with an
 attention mask, so every prompt ends where generation starts), greedily, for at most
 ``generation.max_new_tokens`` tokens; a sample's answer ends at EOS or at the first
 ``generation.stop`` string (default: a newline), whichever comes first, and is stripped.
-Image questions go through the model's processor (vision-language models only).
+With a vision-language model every question goes through its processor and chat
+template (one user turn: the image, when the question has one, and the text) and is
+generated on its own (batch 1, nothing to pad); a text-only model refuses image questions.
 
 Metrics (over samples; a sample counts as matched when it matches any reference answer):
 
@@ -140,6 +142,24 @@ def generate_text(model: Any, tokenizer: Any, prompts: list[str], options: dict[
     return answers
 
 
+def generate_with_processor(model: Any, tokenizer: Any, processor: Any, prompt: str,
+                            image: Any, options: dict[str, Any], device: str) -> str:
+    """The greedy answer of a vision-language model to one question (with its image)."""
+    import torch
+
+    from workers.evaluators._vision import image_inputs, text_inputs
+
+    inputs = (image_inputs(processor, prompt, image, device) if image is not None
+              else text_inputs(processor, prompt, device))
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=int(options["max_new_tokens"]),
+                             do_sample=False, num_beams=1)
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    if tokenizer.eos_id is not None and tokenizer.eos_id in new:
+        new = new[:new.index(tokenizer.eos_id)]
+    return cut_at_stop(tokenizer.decode(new), list(options["stop"]))
+
+
 @register_evaluator(
     "generation",
     metrics={"exact_match": "higher", "normalized_match": "higher", "vqa_acc": "higher",
@@ -156,13 +176,18 @@ def evaluate(model: Any, tokenizer: Any, data: Dataset, settings: dict[str, Any]
     if data.kind != "question":
         raise ValueError(f"generation scores open-question datasets; {data.name} holds "
                          f"{data.kind} samples")
-    if data.has_images:
+    if data.has_images and processor is None:
         raise ValueError(f"{data.name} has image questions: they need a vision-language model "
                          "and its processor, which this evaluation does not have")
     options = dict(DEFAULTS, **(settings.get("generation") or {}))
     prompts = [prompt_text(s, options["template"]) for s in data.samples]
-    answers = generate_text(model, tokenizer, prompts, options, int(settings["batch_size"]),
-                            device)
+    if processor is not None:
+        answers = [generate_with_processor(model, tokenizer, processor, prompt, sample.image,
+                                           options, device)
+                   for prompt, sample in zip(prompts, data.samples, strict=True)]
+    else:
+        answers = generate_text(model, tokenizer, prompts, options,
+                                int(settings["batch_size"]), device)
     exact = normalized = 0
     for sample, answer in zip(data.samples, answers, strict=True):
         references = list(sample.answers or ())

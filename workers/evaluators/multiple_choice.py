@@ -18,8 +18,13 @@ model's window lose tokens from the left; how many samples were cut is reported
 
 Ties go to the first choice (``argmax``), as in lm-evaluation-harness. Every request
 (sample × choice) is one row of a batch; only positions before a token score it, so
-nothing later in the row can leak into a score. Image questions need a vision-language
-model and are refused here with that message.
+nothing later in the row can leak into a score.
+
+Vision-language models (a processor is given): every question goes through the model's
+processor and chat template (one user turn with the image, when the question has one,
+and the text), the continuation's tokens are appended after the generation prompt, and
+one forward pass per choice scores them; these contexts are not truncated. A text-only
+model refuses image questions.
 """
 
 from __future__ import annotations
@@ -131,19 +136,30 @@ def evaluate(model: Any, tokenizer: Any, data: Dataset, settings: dict[str, Any]
     if data.kind != "multiple_choice":
         raise ValueError(f"multiple_choice scores multiple-choice datasets; {data.name} holds "
                          f"{data.kind} samples")
-    if data.has_images:
+    if data.has_images and processor is None:
         raise ValueError(f"{data.name} has image questions: they need a vision-language model "
                          "and its processor, which this evaluation does not have")
     options = settings.get("multiple_choice") or {}
     template = options.get("template") or DEFAULT_TEMPLATE
     delimiter = options.get("delimiter", DEFAULT_DELIMITER)
-    requests: list[tuple[list[int], list[int]]] = []
-    for sample in data.samples:
-        context = context_text(sample, template)
-        for choice in sample.choices or ():
-            requests.append(encode_pair(tokenizer, context, delimiter + choice))
-    scores, cut = log_likelihoods(model, requests, window_of(model, settings),
-                                  int(settings["batch_size"]), device)
+    if processor is not None:
+        # A vision-language model: every question through its processor and chat template,
+        # with its image when it has one, so all questions are asked the same way.
+        scores, cut = [], []
+        for sample in data.samples:
+            for choice in sample.choices or ():
+                scores.append(image_log_likelihood(model, tokenizer, processor, sample,
+                                                   context_text(sample, template),
+                                                   delimiter + choice, device))
+                cut.append(False)
+    else:
+        requests: list[tuple[list[int], list[int]]] = []
+        for sample in data.samples:
+            context = context_text(sample, template)
+            for choice in sample.choices or ():
+                requests.append(encode_pair(tokenizer, context, delimiter + choice))
+        scores, cut = log_likelihoods(model, requests, window_of(model, settings),
+                                      int(settings["batch_size"]), device)
     correct = correct_norm = truncated = 0
     at = 0
     for sample in data.samples:
@@ -157,3 +173,43 @@ def evaluate(model: Any, tokenizer: Any, data: Dataset, settings: dict[str, Any]
     n = len(data.samples)
     return {"acc": correct / n, "acc_norm": correct_norm / n, "mc_samples": float(n),
             "mc_truncated": float(truncated)}
+
+
+# Processor outputs laid out per token, extended over the continuation: (key, fill value).
+_PER_TOKEN_INPUTS = (("attention_mask", 1), ("mm_token_type_ids", 0), ("token_type_ids", 0))
+
+
+def image_log_likelihood(model: Any, tokenizer: Any, processor: Any, sample: Sample,
+                         context: str, continuation: str, device: str) -> float:
+    """Σ log p(continuation | image, context) for a vision-language model.
+
+    The context becomes the processor's prompt (chat template, image placeholder expanded
+    into the image's tokens); the continuation's tokens are those that follow the prompt
+    string's own encoding in the encoding of prompt + continuation, as for text.
+    """
+    import torch
+
+    from workers.evaluators._vision import image_inputs, prompt_with_image, text_inputs
+
+    prompt = (prompt_with_image(processor, context) if sample.image is not None
+              else prompt_with_image(processor, context, image=False))
+    whole = tokenizer.encode(prompt + continuation)
+    own = tokenizer.encode(prompt)
+    tail = whole[len(own):]
+    if not tail:
+        raise ValueError("a choice encodes to no tokens; its likelihood is undefined")
+    inputs = (image_inputs(processor, context, sample.image, device) if sample.image is not None
+              else text_inputs(processor, context, device))
+    n_prompt = int(inputs["input_ids"].shape[1])
+    extra = torch.tensor([tail], dtype=inputs["input_ids"].dtype, device=device)
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], extra], dim=1)
+    for key, fill in _PER_TOKEN_INPUTS:
+        if key in inputs and getattr(inputs[key], "shape", None) is not None \
+                and inputs[key].shape[-1] == n_prompt:
+            inputs[key] = torch.cat([inputs[key], torch.full_like(extra, fill)], dim=1)
+    with torch.inference_mode():
+        logits = model(**inputs).logits[0]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    positions = torch.arange(n_prompt - 1, n_prompt - 1 + len(tail), device=logprobs.device)
+    wanted = torch.tensor(tail, dtype=torch.long, device=logprobs.device)
+    return float(logprobs[positions, wanted].double().sum())
