@@ -201,12 +201,23 @@ class PeakMemory:
 
 
 def _step(model: Any, input_ids: Any, past: Any) -> tuple[Any, Any]:
-    """One greedy forward pass: (the next token of every row, the updated KV cache)."""
+    """One greedy forward pass: (the next token of every row, the updated cache).
+
+    The cache is the KV cache of attention models (``past_key_values``) or the recurrent
+    state of state-space models (Mamba's ``cache_params``), passed back under its name.
+    """
     if past is None:
         out = model(input_ids=input_ids, use_cache=True)
     else:
-        out = model(input_ids=input_ids, past_key_values=past, use_cache=True)
-    return out.logits[:, -1:, :].argmax(dim=-1), out.past_key_values
+        name, cache = past
+        out = model(input_ids=input_ids, use_cache=True, **{name: cache})
+    if getattr(out, "past_key_values", None) is not None:
+        state = ("past_key_values", out.past_key_values)
+    elif getattr(out, "cache_params", None) is not None:
+        state = ("cache_params", out.cache_params)
+    else:
+        raise ValueError("the model returned no cache; decoding speed needs one")
+    return out.logits[:, -1:, :].argmax(dim=-1), state
 
 
 def real_prompts(tokenizer: Any, data: Dataset, count: int, prompt_length: int) -> list[list[int]]:
