@@ -665,11 +665,14 @@ def _duplicate_problems(data: dict[str, Any], section: str, field: str) -> list[
 
 
 def _source_problems(data: dict[str, Any]) -> list[tuple[tuple, str]]:
-    """Models and datasets must exist before anything is scheduled."""
-    from workers.data import check_dataset
-    from workers.models import check_model_id
+    """Models and datasets must exist, and each evaluator must be able to score each
+    model × dataset pair, before anything is scheduled."""
+    from workers.data import check_dataset, load_dataset, resolve
+    from workers.evaluators import evaluators
+    from workers.models import check_model_id, family_for_model_type, model_type_of
 
     out = []
+    families: dict[int, Any] = {}  # model index → family adapter, when it can be known
     for i, entry in enumerate(data.get("models") or []):
         if isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"]:
             source = entry.get("source") if isinstance(entry.get("source"), str) else None
@@ -680,6 +683,17 @@ def _source_problems(data: dict[str, Any]) -> list[tuple[tuple, str]]:
                 continue  # an unknown source is already reported by the structural pass
             if not check.ok:
                 out.append((("models", i, "id"), check.message))
+                continue
+            model_type = model_type_of(entry["id"], source, revision)
+            if model_type is None:
+                continue  # a hub model not in the local cache: known once it loads
+            try:
+                families[i] = family_for_model_type(model_type)
+            except ValueError as exc:
+                out.append((("models", i, "id"), str(exc)))
+    known = evaluators()
+    evaluation = data.get("evaluation") if isinstance(data.get("evaluation"), dict) else {}
+    default_metrics = evaluation.get("metrics", EvaluationSettings().metrics)
     for i, entry in enumerate(data.get("datasets") or []):
         if not isinstance(entry, dict):
             continue
@@ -690,6 +704,29 @@ def _source_problems(data: dict[str, Any]) -> list[tuple[tuple, str]]:
         check = check_dataset(entry)
         if not check.ok:
             out.append((("datasets", i, "name"), check.message))
+            continue
+        # Local files were just read in full; hub datasets are not read on the driver.
+        images = (load_dataset(entry).has_images if resolve(entry).source == "local"
+                  else None)
+        metrics = entry.get("metrics") or default_metrics
+        for name in metrics if isinstance(metrics, list) else []:
+            info = known.get(name) if isinstance(name, str) else None
+            if info is None or info.images == "ignored":
+                continue
+            if info.images == "required" and images is False:
+                out.append((("datasets", i), f"evaluator {name} needs image questions and this "
+                            "dataset has none"))
+                continue
+            if info.images == "optional" and not images:
+                continue
+            for m, family in families.items():
+                if not family.is_vision_language:
+                    why = ("needs a vision-language model" if info.images == "required" else
+                           "asks the image questions of this dataset with their images, which "
+                           "needs a vision-language model")
+                    out.append((("datasets", i), f"evaluator {name} {why}; models[{m}] is a "
+                                f"{family.name} model (families with vision: llava, "
+                                "qwen2_5_vl)"))
     return out
 
 

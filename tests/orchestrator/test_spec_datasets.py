@@ -104,3 +104,38 @@ def test_new_dataset_fields_left_at_default_keep_trial_keys(mc_file: str):
     subset = spec.expand(spec.loads(yaml.safe_dump(dict(
         BASE, datasets=[{"name": "builtin:pydoc", "seed": 7}]))))
     assert {t.trial_key for t in subset}.isdisjoint({t.trial_key for t in plain})
+
+
+@pytest.fixture
+def image_questions(tmp_path: Path) -> str:
+    (tmp_path / "q.png").write_bytes(b"not decoded at validation")
+    path = tmp_path / "sqa.jsonl"
+    path.write_text(json.dumps({"question": "Which?", "choices": ["a", "b"], "answer": 0,
+                                "hint": "", "image": "q.png"}) + "\n")
+    return str(path)
+
+
+def test_image_questions_need_a_vision_language_model(image_questions: str, tmp_path: Path):
+    entry = {"name": image_questions, "format": "scienceqa", "metrics": ["multiple_choice"]}
+    found = problems(dict(BASE, datasets=[entry]))
+    assert len(found) == 1 and "datasets[0]" in found[0]
+    assert "needs a vision-language model; models[0] is a llama model" in found[0]
+    found = problems(dict(BASE, datasets=[dict(entry, metrics=["modality_dominance"])]))
+    assert len(found) == 1 and "modality_dominance needs a vision-language model" in found[0]
+    # Text evaluators ask no image question: speed on image questions is fine.
+    spec.loads(yaml.safe_dump(dict(BASE, datasets=[dict(entry, metrics=["speed"])])))
+
+
+def test_modality_dominance_needs_images_and_a_supported_model_type(mc_file: str, tmp_path):
+    import tiny_models  # tests/ is on sys.path
+
+    llava = tiny_models.BUILDERS["llava"](tmp_path / "llava")
+    entry = {"name": mc_file, "format": "multiple_choice", "metrics": ["modality_dominance"],
+             "fields": {"question": "q", "choices": "options", "answer": "label"}}
+    found = problems(dict(BASE, models=[{"id": f"local:{llava}"}], datasets=[entry]))
+    assert len(found) == 1 and "needs image questions and this dataset has none" in found[0]
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text('{"model_type": "gpt_bigcode"}')
+    found = problems(dict(BASE, models=[{"id": str(odd)}], datasets=[{"name": "builtin:pydoc"}]))
+    assert len(found) == 1 and "models[0].id: unsupported model type 'gpt_bigcode'" in found[0]

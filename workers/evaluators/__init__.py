@@ -34,6 +34,9 @@ class EvaluatorInfo:
     kinds: tuple[str, ...] = ("text",)
     # The settings of the spec's ``evaluation`` section it reads (dotted paths).
     settings: tuple[str, ...] = ()
+    # What it does with images: "ignored" (scores text only), "optional" (image questions
+    # need a vision-language model), "required" (needs a vision-language model and images).
+    images: str = "ignored"
 
 
 _EVALUATORS: dict[str, EvaluatorInfo] = {}
@@ -41,25 +44,29 @@ _EVALUATORS: dict[str, EvaluatorInfo] = {}
 
 def register_evaluator(name: str, *, metrics: dict[str, Direction], description: str,
                        kinds: tuple[str, ...], batch_setting: tuple[str, ...] | None = None,
-                       settings: tuple[str, ...] = ()):
+                       settings: tuple[str, ...] = (), images: str = "ignored"):
     """Register ``evaluate`` under ``name``; ``metrics`` maps metric name → direction.
 
     ``batch_setting`` is the path of the evaluation setting holding the evaluator's batch
     size (``("batch_size",)``, ``("speed", "batch_size")``), halved on out-of-memory.
     ``kinds`` are the dataset kinds it scores; ``settings`` the evaluation settings it
-    reads (``"max_length"``, ``"speed"`` for a whole section), for ``sweep evaluators``.
+    reads (``"max_length"``, ``"speed"`` for a whole section), for ``sweep evaluators``;
+    ``images`` what it needs of the model for image questions (see ``EvaluatorInfo``).
     """
     from workers.data import KINDS
 
     unknown = [k for k in kinds if k not in KINDS]
     if not kinds or unknown:
         raise ValueError(f"evaluator {name!r}: kinds must be a non-empty subset of {KINDS}")
+    if images not in ("ignored", "optional", "required"):
+        raise ValueError(f"evaluator {name!r}: images must be ignored, optional or required")
 
     def wrap(evaluate: Callable[..., dict[str, float]]) -> Callable[..., dict[str, float]]:
         if name in _EVALUATORS:
             raise ValueError(f"evaluator {name!r} registered twice")
         _EVALUATORS[name] = EvaluatorInfo(name, description, dict(metrics), evaluate,
-                                          batch_setting, tuple(kinds), tuple(settings))
+                                          batch_setting, tuple(kinds), tuple(settings),
+                                          images)
         return evaluate
 
     return wrap

@@ -169,6 +169,7 @@ def generate_with_processor(model: Any, tokenizer: Any, processor: Any, prompt: 
     batch_setting=("batch_size",),
     kinds=("question",),
     settings=("generation", "batch_size"),
+    images="optional",
 )
 def evaluate(model: Any, tokenizer: Any, data: Dataset, settings: dict[str, Any],
              device: str = "cpu", processor: Any = None) -> dict[str, float]:

@@ -123,6 +123,7 @@ class _Recorder:
                 "of generated tokens onto text vs image input tokens, heads averaged.",
     kinds=("multiple_choice", "question"),
     settings=("modality_dominance",),
+    images="required",
 )
 def evaluate(model: Any, tokenizer: Any, data: Dataset, settings: dict[str, Any],
              device: str = "cpu", processor: Any = None) -> dict[str, float]:

@@ -129,6 +129,7 @@ def argmax(values: list[float]) -> int:
     batch_setting=("batch_size",),
     kinds=("multiple_choice",),
     settings=("multiple_choice", "batch_size"),
+    images="optional",
 )
 def evaluate(model: Any, tokenizer: Any, data: Dataset, settings: dict[str, Any],
              device: str = "cpu", processor: Any = None) -> dict[str, float]:

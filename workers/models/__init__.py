@@ -451,6 +451,38 @@ def check_model_id(model_id: str, source: str | None = None,
     return check_hub_id(model_id, revision)
 
 
+def model_type_of(model_id: str, source: str | None = None,
+                  revision: str | None = None) -> str | None:
+    """The ``config.model_type`` of a model, read without loading it (no torch import);
+    None when it cannot be known here (a hub id not in the local cache)."""
+    import json
+
+    model_id = qualified_id(model_id, source)
+    if model_id.startswith(("builtin:", "llama2c:")):
+        return "llama"
+    config_path: str | Path | None = None
+    plain = model_id.split(":", 1)[1] if model_id.startswith(("hub:", "local:")) else model_id
+    path = Path(plain).expanduser()
+    if not model_id.startswith("hub:") and (path / "config.json").is_file():
+        config_path = path / "config.json"
+    elif not model_id.startswith("local:"):
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            found = try_to_load_from_cache(plain, "config.json", cache_dir=hub_cache_dir(),
+                                           revision=revision)
+        except Exception:  # noqa: BLE001 - an invalid id is reported by check_model_id
+            found = None
+        config_path = found if isinstance(found, str) else None
+    if config_path is None:
+        return None
+    try:
+        value = json.loads(Path(config_path).read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
 def load_model(model_id: str, dtype: str | None = None, device: str = "cpu",
                trust_remote_code: bool = False, source: str | None = None, *,
                attn_implementation: str | None = None,

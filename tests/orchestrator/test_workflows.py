@@ -1,0 +1,157 @@
+"""CPU twins of the users' workflows (../shared/SEEDS.md), end to end through sweep launch:
+real local Ray Tune, SQLite, tiny models of their families, data in their formats.
+
+- LLaVA × ScienceQA-format image questions × multiple_choice (with head_mask and
+  drop_layers on the language model);
+- Qwen2.5-VL × MMMU-Pro-format × modality_dominance (MDI/AEI per band);
+- aidreams260K (real llama2.c model) × WikiText-2 × perplexity;
+- Mamba × text × perplexity and speed;
+- aidreams260K × OpenBookQA × multiple_choice.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import tiny_models  # tests/ is on sys.path (rootdir conftest)
+import yaml
+from sqlalchemy import select
+
+from orchestrator import launch, spec
+from orchestrator.db.engine import ensure_schema, session_scope
+from orchestrator.db.models import Sweep, Trial
+
+pytestmark = pytest.mark.slow
+
+FAST_SPEED = {"warmup": 0, "repeats": 1, "prompt_length": 8, "new_tokens": 2, "prompts": 2}
+
+
+def run_sweep(tmp_path: Path, data: dict) -> dict[str, dict]:
+    """Launch ``data`` as a spec; {method@rate: {status, metrics, evidence}} per trial."""
+    path = tmp_path / f"{data['name']}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    url = f"sqlite:///{tmp_path / 'results.db'}"
+    outcome = launch.run(launch.plan(spec.load(path), str(path), url), url)
+    assert outcome.ran == outcome.total
+    engine = ensure_schema(url, create=False)
+    out = {}
+    with session_scope(engine) as session:
+        for trial in session.scalars(select(Trial).join(Sweep).where(Sweep.name == data["name"])):
+            label = trial.method if trial.rate is None else f"{trial.method}@{trial.rate:g}"
+            out[label] = {
+                "status": trial.status, "error": trial.error_message,
+                "metrics": {m.name: m.value for m in trial.metrics},
+                "evidence": trial.evidence.max_abs_dlogits if trial.evidence else None,
+            }
+    return out
+
+
+def assert_all_done(results: dict[str, dict]) -> None:
+    failed = {k: v["error"] for k, v in results.items() if v["status"] != "done"}
+    assert not failed, failed
+    for label, row in results.items():
+        if label != "none":
+            assert row["evidence"] and row["evidence"] > 0, label  # the variant differs
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory):
+    root = tmp_path_factory.mktemp("workflows")
+    images = root / "images"
+    images.mkdir()
+    for i in range(3):
+        tiny_models.probe_image(seed=i).save(images / f"q{i}.png")
+    scienceqa = [
+        {"question": "Which of these is a mammal?", "choices": ["shark", "whale", "trout"],
+         "answer": 1, "hint": "Mammals feed their young milk.", "image": "q0.png"},
+        {"question": "Which direction is the arrow?", "choices": ["left", "right"],
+         "answer": 0, "hint": "", "image": "q1.png"},
+        {"question": "What is two plus two?", "choices": ["three", "four"], "answer": 1,
+         "hint": "", "image": None},  # ScienceQA has text-only questions too
+    ]
+    (root / "scienceqa.jsonl").write_text("\n".join(json.dumps(r) for r in scienceqa) + "\n")
+    mmmu = [{"id": f"m{i}", "question": q, "options": str(["A one", "A two", "A three"]),
+             "answer": "B", "image_1": f"images/q{i}.png"}
+            for i, q in enumerate(["<image 1> What is shown?", "<image 1> Which part is red?"])]
+    (root / "mmmu_pro.jsonl").write_text("\n".join(json.dumps(r) for r in mmmu) + "\n")
+    (root / "text.txt").write_text("\n".join(
+        f"Line {i} of a small text about state space models and their scan order."
+        for i in range(12)) + "\n")
+    return {"root": root, "llava": tiny_models.BUILDERS["llava"](root / "llava"),
+            "qwen2_5_vl": tiny_models.BUILDERS["qwen2_5_vl"](root / "qwen2_5_vl"),
+            "mamba": tiny_models.BUILDERS["mamba"](root / "mamba")}
+
+
+def test_llava_scienceqa_multiple_choice(tmp_path, ray_session, fixtures):
+    results = run_sweep(tmp_path, {
+        "name": "s4-twin", "models": [{"id": f"local:{fixtures['llava']}"}],
+        "methods": [{"name": "head_mask", "rates": [0.5], "params": {"calibration_samples": 2,
+                                                                     "calibration_length": 16}},
+                    {"name": "drop_layers", "rates": [0.34]}],
+        "datasets": [{"name": str(fixtures["root"] / "scienceqa.jsonl"), "format": "scienceqa",
+                      "metrics": ["multiple_choice", "speed"]}],
+        "evaluation": {"speed": FAST_SPEED, "probe_length": 8},
+    })
+    assert set(results) == {"none", "head_mask@0.5", "drop_layers@0.34"}
+    assert_all_done(results)
+    for row in results.values():
+        assert row["metrics"]["mc_samples"] == 3
+        assert 0 <= row["metrics"]["acc"] <= 1 and "latency_ms_p50" in row["metrics"]
+
+
+def test_qwen_vl_mmmu_pro_modality_dominance(tmp_path, ray_session, fixtures):
+    results = run_sweep(tmp_path, {
+        "name": "langoverrule-twin", "models": [{"id": f"local:{fixtures['qwen2_5_vl']}"}],
+        "methods": [{"name": "head_mask", "rates": [0.5], "params": {"calibration_samples": 2,
+                                                                     "calibration_length": 16}}],
+        "datasets": [{"name": str(fixtures["root"] / "mmmu_pro.jsonl"), "format": "mmmu_pro",
+                      "metrics": ["modality_dominance", "multiple_choice"]}],
+        "evaluation": {"probe_length": 8, "modality_dominance": {"new_tokens": 2}},
+    })
+    assert_all_done(results)
+    for row in results.values():
+        metrics = row["metrics"]
+        assert metrics["md_samples"] == 2 and metrics["md_generated_tokens"] == 4
+        for band in ("early", "middle", "late"):
+            assert metrics[f"mdi_{band}"] > 0 and metrics[f"aei_{band}_pooled"] > 0
+    assert results["head_mask@0.5"]["metrics"]["mdi_late"] != pytest.approx(
+        results["none"]["metrics"]["mdi_late"])
+
+
+def test_mamba_text_perplexity_and_speed(tmp_path, ray_session, fixtures):
+    results = run_sweep(tmp_path, {
+        "name": "mamba-twin", "models": [{"id": f"local:{fixtures['mamba']}"}],
+        "methods": [{"name": "drop_layers", "rates": [0.5], "params": {"from": "bottom"}}],
+        "datasets": [{"name": str(fixtures["root"] / "text.txt")}],
+        "evaluation": {"max_length": 32, "stride": 16, "probe_length": 8, "speed": FAST_SPEED},
+    })
+    assert_all_done(results)
+    assert results["drop_layers@0.5"]["metrics"]["perplexity"] != pytest.approx(
+        results["none"]["metrics"]["perplexity"])
+
+
+def test_aidreams_wikitext_perplexity_and_openbookqa(tmp_path, ray_session, shared_data):
+    model = f"llama2c:{shared_data / 'aidreams260K'}"
+    results = run_sweep(tmp_path, {
+        "name": "aidreams-twin", "models": [{"id": model}],
+        "methods": [{"name": "drop_layers", "rates": [0.25]}],
+        "datasets": [
+            {"name": str(shared_data / "wikitext2" / "test.txt"), "format": "wikitext",
+             "limit": 3, "metrics": ["perplexity"]},
+        ],
+        "evaluation": {"max_length": 128, "stride": 64, "probe_length": 16},
+    })
+    assert_all_done(results)
+    # The README's figure: hundreds on out-of-domain WikiText.
+    assert 50 < results["none"]["metrics"]["perplexity"] < 5000
+    results = run_sweep(tmp_path, {
+        "name": "obqa-twin", "models": [{"id": model}],
+        "methods": [{"name": "drop_layers", "rates": [0.25]}],
+        "datasets": [{"name": str(shared_data / "openbookqa" / "openbookqa.jsonl"),
+                      "format": "openbookqa", "limit": 40, "metrics": ["multiple_choice"]}],
+        "evaluation": {"probe_length": 16},
+    })
+    assert_all_done(results)
+    assert results["none"]["metrics"]["mc_samples"] == 40
