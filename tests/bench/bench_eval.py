@@ -128,9 +128,11 @@ def ours_perplexity(model: Any, tokenizer: Any, documents: list[str], max_length
 # --------------------------------------------------------------------------- text
 
 
-def leading_documents(tokenizer: Any, documents: list[str], n_tokens: int) -> list[str]:
-    """The leading documents whose stream (BOS + ids of each) holds at most ``n_tokens``
-    tokens; the document that would overflow is cut at the last whitespace that fits."""
+def leading_documents(tokenizer: Any, documents: list[str],
+                      n_tokens: int) -> tuple[list[str], int]:
+    """(documents, stream length): the leading documents whose stream (BOS + ids of each)
+    holds at most ``n_tokens`` tokens; the one that would overflow is cut at the last
+    whitespace that fits."""
     bos = 0 if tokenizer.bos_id is None else 1
     kept: list[str] = []
     used = 0
@@ -144,17 +146,19 @@ def leading_documents(tokenizer: Any, documents: list[str], n_tokens: int) -> li
             used += bos + count
             continue
         cuts = [m.start() for m in re.finditer(r"\s", doc)]
-        lo, hi, best = 0, len(cuts) - 1, 0
+        lo, hi, best, best_count = 0, len(cuts) - 1, 0, 0
         while lo <= hi:  # largest cut whose prefix fits (token counts grow with the prefix)
             mid = (lo + hi) // 2
-            if len(tokenizer.encode(doc[:cuts[mid]])) <= room:
-                best, lo = cuts[mid], mid + 1
+            count = len(tokenizer.encode(doc[:cuts[mid]]))
+            if count <= room:
+                best, best_count, lo = cuts[mid], count, mid + 1
             else:
                 hi = mid - 1
         if best:
             kept.append(doc[:best])
+            used += bos + best_count
         break
-    return kept
+    return kept, used
 
 
 # --------------------------------------------------------------------------- timing
@@ -264,12 +268,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--stride must be in [1, max_length={max_length}), got {stride}")
         return 2
     entry = {"name": args.dataset, "split": args.split, "format": args.format}
-    documents = leading_documents(tokenizer, load_dataset(entry).documents(), args.tokens)
+    documents, stream = leading_documents(tokenizer, load_dataset(entry).documents(),
+                                          args.tokens)
+    if stream < 2:
+        print(f"the text has {stream} tokens; nothing to score")
+        return 2
+    whole = " (the whole dataset)" if stream < args.tokens * 0.99 else ""
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {type(model).__name__}, {n_params:,} parameters, {model.dtype}, attention "
           f"{model.config._attn_implementation}, context {context}; windows: max_length "
           f"{max_length}, stride {stride}; ours batch size {args.batch_size}; text: "
-          f"{len(documents)} documents cut to at most {args.tokens:,} tokens "
+          f"{len(documents)} documents, {stream:,} tokens (--tokens {args.tokens:,}){whole} "
           f"(setup {time.perf_counter() - started:.1f} s)", flush=True)
 
     def plain() -> tuple[float, int]:
@@ -284,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         return ours_perplexity(model, tokenizer, documents, max_length, stride,
                                args.batch_size, args.device)
 
-    warm = leading_documents(tokenizer, documents, 4 * max_length)
+    warm, _ = leading_documents(tokenizer, documents, 4 * max_length)
     plain_perplexity(model, tokenizer, warm, max_length, stride, args.device)
     ours_perplexity(model, tokenizer, warm, max_length, stride, args.batch_size, args.device)
 

@@ -91,6 +91,7 @@ def test_llava_scienceqa_multiple_choice(tmp_path, ray_session, fixtures):
                                                                      "calibration_length": 16}},
                     {"name": "drop_layers", "rates": [0.34]}],
         "datasets": [{"name": str(fixtures["root"] / "scienceqa.jsonl"), "format": "scienceqa",
+                      "images": str(fixtures["root"] / "images"),
                       "metrics": ["multiple_choice", "speed"]}],
         "evaluation": {"speed": FAST_SPEED, "probe_length": 8},
     })
