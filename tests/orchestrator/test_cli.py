@@ -123,3 +123,15 @@ def test_catalogs_json_list_what_the_registries_hold():
     assert families["llava"]["vision_language"] is True
     assert families["exaone4"]["post_norm"] is True
     assert "builtin:tiny-llama" in payload["builtin"]
+
+
+def test_every_example_spec_is_valid():
+    """The specs in sweeps/ (hub models and data for clusters) pass validation, apart from
+    checking that their hub sources are reachable from here."""
+    from orchestrator import spec
+
+    paths = sorted((ROOT / "sweeps").glob("*.yaml"))
+    assert len(paths) >= 5
+    for path in paths:
+        loaded = spec.load(path, check_sources=False)
+        assert spec.expand(loaded), path

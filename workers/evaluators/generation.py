@@ -8,8 +8,9 @@ attention mask, so every prompt ends where generation starts), greedily, for at 
 ``generation.max_new_tokens`` tokens; a sample's answer ends at EOS or at the first
 ``generation.stop`` string (default: a newline), whichever comes first, and is stripped.
 With a vision-language model every question goes through its processor and chat
-template (one user turn: the image, when the question has one, and the text) and is
-generated on its own (batch 1, nothing to pad); a text-only model refuses image questions.
+template (one user turn: the image, when the question has one, and the text), in
+left-padded batches of ``batch_size`` (questions with and without an image apart); a
+text-only model refuses image questions.
 
 Metrics (over samples; a sample counts as matched when it matches any reference answer):
 
@@ -142,22 +143,48 @@ def generate_text(model: Any, tokenizer: Any, prompts: list[str], options: dict[
     return answers
 
 
-def generate_with_processor(model: Any, tokenizer: Any, processor: Any, prompt: str,
-                            image: Any, options: dict[str, Any], device: str) -> str:
-    """The greedy answer of a vision-language model to one question (with its image)."""
+def generate_with_processor(model: Any, tokenizer: Any, processor: Any, prompts: list[str],
+                            images: list[Any], options: dict[str, Any], batch_size: int,
+                            device: str) -> list[str]:
+    """Greedy answers of a vision-language model, in batches of questions through its
+    processor (left-padded; questions with and without an image in separate batches)."""
     import torch
 
-    from workers.evaluators._vision import image_inputs, text_inputs
+    from workers.evaluators._vision import open_image, prompt_with_image
 
-    inputs = (image_inputs(processor, prompt, image, device) if image is not None
-              else text_inputs(processor, prompt, device))
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=int(options["max_new_tokens"]),
-                             do_sample=False, num_beams=1)
-    new = out[0, inputs["input_ids"].shape[1]:].tolist()
-    if tokenizer.eos_id is not None and tokenizer.eos_id in new:
-        new = new[:new.index(tokenizer.eos_id)]
-    return cut_at_stop(tokenizer.decode(new), list(options["stop"]))
+    text_tokenizer = processor.tokenizer
+    saved = (text_tokenizer.padding_side, text_tokenizer.pad_token)
+    text_tokenizer.padding_side = "left"  # every prompt ends where generation starts
+    if text_tokenizer.pad_token is None:
+        text_tokenizer.pad_token = text_tokenizer.eos_token
+    answers: list[str] = [""] * len(prompts)
+    groups = [[i for i, image in enumerate(images) if image is not None],
+              [i for i, image in enumerate(images) if image is None]]
+    try:
+        for group in groups:
+            for start in range(0, len(group), batch_size):
+                chunk = group[start:start + batch_size]
+                with_image = images[chunk[0]] is not None
+                kwargs = {"images": [open_image(images[i]) for i in chunk]} if with_image else {}
+                inputs = processor(
+                    text=[prompt_with_image(processor, prompts[i], image=with_image)
+                          for i in chunk], padding=True, return_tensors="pt", **kwargs)
+                inputs = {k: v.to(device) if hasattr(v, "to") else v
+                          for k, v in dict(inputs).items()}
+                with torch.inference_mode():
+                    out = model.generate(**inputs,
+                                         max_new_tokens=int(options["max_new_tokens"]),
+                                         do_sample=False, num_beams=1,
+                                         pad_token_id=text_tokenizer.pad_token_id)
+                width = inputs["input_ids"].shape[1]
+                for row, i in enumerate(chunk):
+                    new = out[row, width:].tolist()
+                    if tokenizer.eos_id is not None and tokenizer.eos_id in new:
+                        new = new[:new.index(tokenizer.eos_id)]
+                    answers[i] = cut_at_stop(tokenizer.decode(new), list(options["stop"]))
+    finally:
+        text_tokenizer.padding_side, text_tokenizer.pad_token = saved
+    return answers
 
 
 @register_evaluator(
@@ -183,9 +210,9 @@ def evaluate(model: Any, tokenizer: Any, data: Dataset, settings: dict[str, Any]
     options = dict(DEFAULTS, **(settings.get("generation") or {}))
     prompts = [prompt_text(s, options["template"]) for s in data.samples]
     if processor is not None:
-        answers = [generate_with_processor(model, tokenizer, processor, prompt, sample.image,
-                                           options, device)
-                   for prompt, sample in zip(prompts, data.samples, strict=True)]
+        answers = generate_with_processor(model, tokenizer, processor, prompts,
+                                          [s.image for s in data.samples], options,
+                                          int(settings["batch_size"]), device)
     else:
         answers = generate_text(model, tokenizer, prompts, options,
                                 int(settings["batch_size"]), device)

@@ -79,7 +79,8 @@ def test_image_generation_equals_generate_on_the_processor_inputs(vlm, model_typ
     loaded = models[model_type]
     options = dict(generation.DEFAULTS, max_new_tokens=4, stop=[])
     samples = (Sample(id="0", question="Describe it.", answers=("x",), image=images[0]),
-               Sample(id="1", question="What now?", answers=("y",), image=images[1]))
+               Sample(id="1", question="What now, with a longer question than the first?",
+                      answers=("y",), image=images[1]))
     expected = []
     for sample in samples:
         prompt = prompt_with_image(loaded.processor, sample.question)
@@ -91,10 +92,11 @@ def test_image_generation_equals_generate_on_the_processor_inputs(vlm, model_typ
         if loaded.tokenizer.eos_id in new:
             new = new[:new.index(loaded.tokenizer.eos_id)]
         expected.append(loaded.tokenizer.decode(new).strip())
-    got = [generation.generate_with_processor(loaded.model, loaded.tokenizer, loaded.processor,
-                                              s.question, s.image, options, "cpu")
-           for s in samples]
-    assert got == expected
+    for batch_size in (1, 2):
+        got = generation.generate_with_processor(
+            loaded.model, loaded.tokenizer, loaded.processor, [s.question for s in samples],
+            [s.image for s in samples], options, batch_size, "cpu")
+        assert got == expected, batch_size
     data = Dataset("vqa", "question", "vqav2", (
         Sample(id="0", question="Describe it.", answers=(expected[0],), image=images[0]),
         Sample(id="1", question="What now?", answers=("surely not",), image=images[1])))
