@@ -144,32 +144,58 @@ class SpeedSettings(_Strict):
     prompts: int = Field(default=16, ge=0)
 
 
-class MultipleChoiceSettings(_Strict):
-    """How the multiple_choice evaluator builds its requests (see its module docstring)."""
+def _check_template(template: str) -> str:
+    """A prompt template may only name the placeholders the evaluators fill."""
+    import string
+
+    from workers.evaluators._questions import PLACEHOLDERS
+
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise ValueError(f"not a valid template ({exc}); write a literal brace as {{{{ or }}}}"
+                         ) from None
+    for name in names:
+        if name not in PLACEHOLDERS:
+            raise ValueError(f"unknown placeholder {{{name}}}; use "
+                             + ", ".join(f"{{{p}}}" for p in PLACEHOLDERS))
+    return template
+
+
+class _PromptSettings(_Strict):
+    """Settings of an evaluator that asks questions through a prompt template."""
 
     template: str = Field(default="{prompt}", min_length=1)
+
+    @field_validator("template")
+    @classmethod
+    def _known_placeholders(cls, template: str) -> str:
+        return _check_template(template)
+
+
+class MultipleChoiceSettings(_PromptSettings):
+    """How the multiple_choice evaluator builds its requests (see its module docstring)."""
+
     delimiter: str = " "
     # Longest input; the model's position limit when unset.
     max_length: int | None = Field(default=None, ge=2)
 
 
-class GenerationSettings(_Strict):
+class GenerationSettings(_PromptSettings):
     """How the generation evaluator prompts and stops (see its module docstring)."""
 
-    template: str = Field(default="{prompt}", min_length=1)
     max_new_tokens: int = Field(default=16, ge=1, le=4096)
     max_prompt_tokens: int = Field(default=512, ge=1)
     stop: list[str] = Field(default_factory=lambda: ["\n"])
 
 
-class ModalityDominanceSettings(_Strict):
+class ModalityDominanceSettings(_PromptSettings):
     """How modality_dominance measures (see its module docstring)."""
 
     new_tokens: int = Field(default=8, ge=1, le=1024)
     # Where the early/middle/late bands meet, as fractions of the depth.
     bands: list[float] = Field(default_factory=lambda: [1 / 3, 2 / 3], min_length=2,
                                max_length=2)
-    template: str = Field(default="{prompt}", min_length=1)
 
     @field_validator("bands")
     @classmethod

@@ -107,6 +107,21 @@ def shared_data() -> Path:
 
 
 @pytest.fixture
+def llama2c_reference(shared_data: Path):
+    """``../shared/tools/llama2c_reference.py``: the independent NumPy llama2.c forward
+    pass and tokenizer, imported from its file (skips cleanly when absent)."""
+    import importlib.util
+
+    tool = shared_data.parent / "tools" / "llama2c_reference.py"
+    if not tool.is_file():
+        pytest.skip("../shared/tools/llama2c_reference.py is not present")
+    spec = importlib.util.spec_from_file_location("llama2c_reference", tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
 def db_url(tmp_path: Path) -> str:
     """A fresh SQLite results database URL."""
     return f"sqlite:///{tmp_path / 'results.db'}"

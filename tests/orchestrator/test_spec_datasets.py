@@ -139,3 +139,18 @@ def test_modality_dominance_needs_images_and_a_supported_model_type(mc_file: str
     (odd / "config.json").write_text('{"model_type": "gpt_bigcode"}')
     found = problems(dict(BASE, models=[{"id": str(odd)}], datasets=[{"name": "builtin:pydoc"}]))
     assert len(found) == 1 and "models[0].id: unsupported model type 'gpt_bigcode'" in found[0]
+
+
+@pytest.mark.parametrize("section", ["multiple_choice", "generation", "modality_dominance"])
+def test_prompt_templates_name_only_known_placeholders(section: str):
+    found = problems(dict(BASE, datasets=[{"name": "builtin:pydoc"}],
+                          evaluation={section: {"template": "Q: {questoin}"}}))
+    assert len(found) == 1
+    assert found[0].endswith(f"evaluation.{section}.template: unknown placeholder {{questoin}}; "
+                             "use {question}, {context}, {prompt}")
+    found = problems(dict(BASE, datasets=[{"name": "builtin:pydoc"}],
+                          evaluation={section: {"template": "{ broken"}}))
+    assert len(found) == 1 and "not a valid template" in found[0]
+    ok = dict(BASE, datasets=[{"name": "builtin:pydoc"}],
+              evaluation={section: {"template": "{context}\nQ: {question} {{A}}:"}})
+    spec.loads(yaml.safe_dump(ok))

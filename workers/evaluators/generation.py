@@ -33,6 +33,7 @@ from typing import Any
 
 from workers.data import Dataset, Sample
 from workers.evaluators import register_evaluator
+from workers.evaluators._questions import check_questions, fill_template
 
 DEFAULTS = {"template": "{prompt}", "max_new_tokens": 16, "max_prompt_tokens": 512,
             "stop": ["\n"]}
@@ -99,12 +100,7 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
 
 
 def prompt_text(sample: Sample, template: str) -> str:
-    try:
-        return template.format(question=sample.question or "", context=sample.context or "",
-                               prompt=sample.prompt())
-    except (KeyError, IndexError) as exc:
-        raise ValueError(f"generation.template: unknown placeholder {exc}; use {{question}}, "
-                         "{context} or {prompt}") from None
+    return fill_template(sample, template, "generation.template")
 
 
 # --------------------------------------------------------------------------- generation
@@ -201,12 +197,7 @@ def generate_with_processor(model: Any, tokenizer: Any, processor: Any, prompts:
 def evaluate(model: Any, tokenizer: Any, data: Dataset, settings: dict[str, Any],
              device: str = "cpu", processor: Any = None) -> dict[str, float]:
     """Scores of ``model``'s greedy answers on the open questions of ``data``."""
-    if data.kind != "question":
-        raise ValueError(f"generation scores open-question datasets; {data.name} holds "
-                         f"{data.kind} samples")
-    if data.has_images and processor is None:
-        raise ValueError(f"{data.name} has image questions: they need a vision-language model "
-                         "and its processor, which this evaluation does not have")
+    check_questions(data, "generation", "question", "open-question", processor)
     options = dict(DEFAULTS, **(settings.get("generation") or {}))
     prompts = [prompt_text(s, options["template"]) for s in data.samples]
     if processor is not None:

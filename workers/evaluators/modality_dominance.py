@@ -42,6 +42,7 @@ from typing import Any
 
 from workers.data import Dataset
 from workers.evaluators import register_evaluator
+from workers.evaluators._questions import fill_template
 from workers.evaluators._vision import image_inputs
 
 BANDS = ("early", "middle", "late")
@@ -150,9 +151,8 @@ def evaluate(model: Any, tokenizer: Any, data: Dataset, settings: dict[str, Any]
     try:
         with _Recorder(model, family) as recorder, torch.inference_mode():
             for sample in data.samples:
-                text = options["template"].format(question=sample.question or "",
-                                                  context=sample.context or "",
-                                                  prompt=sample.prompt())
+                text = fill_template(sample, options["template"],
+                                     "modality_dominance.template")
                 inputs = image_inputs(processor, text, sample.image, device)
                 mask = family.image_token_mask(model, inputs["input_ids"])[0].cpu()
                 n_image, n_input = int(mask.sum()), int(mask.shape[0])

@@ -33,6 +33,7 @@ from typing import Any
 
 from workers.data import Dataset, Sample
 from workers.evaluators import register_evaluator
+from workers.evaluators._questions import check_questions, fill_template
 
 DEFAULT_TEMPLATE = "{prompt}"
 DEFAULT_DELIMITER = " "
@@ -40,12 +41,7 @@ DEFAULT_DELIMITER = " "
 
 def context_text(sample: Sample, template: str) -> str:
     """The sample's context string under ``template``."""
-    try:
-        return template.format(question=sample.question or "", context=sample.context or "",
-                               prompt=sample.prompt())
-    except (KeyError, IndexError) as exc:
-        raise ValueError(f"multiple_choice.template: unknown placeholder {exc}; use "
-                         "{question}, {context} or {prompt}") from None
+    return fill_template(sample, template, "multiple_choice.template")
 
 
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -134,12 +130,7 @@ def argmax(values: list[float]) -> int:
 def evaluate(model: Any, tokenizer: Any, data: Dataset, settings: dict[str, Any],
              device: str = "cpu", processor: Any = None) -> dict[str, float]:
     """acc / acc_norm of ``model`` on the multiple-choice ``data`` (see module docstring)."""
-    if data.kind != "multiple_choice":
-        raise ValueError(f"multiple_choice scores multiple-choice datasets; {data.name} holds "
-                         f"{data.kind} samples")
-    if data.has_images and processor is None:
-        raise ValueError(f"{data.name} has image questions: they need a vision-language model "
-                         "and its processor, which this evaluation does not have")
+    check_questions(data, "multiple_choice", "multiple_choice", "multiple-choice", processor)
     options = settings.get("multiple_choice") or {}
     template = options.get("template") or DEFAULT_TEMPLATE
     delimiter = options.get("delimiter", DEFAULT_DELIMITER)

@@ -3,7 +3,6 @@ computations (a NumPy llama2.c forward pass on OpenBookQA, and a hand-computed b
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import numpy as np
@@ -33,16 +32,11 @@ def test_registered_for_multiple_choice_datasets_only():
     assert info.batch_setting == ("batch_size",)
 
 
-def test_real_model_on_openbookqa_matches_numpy_reference(shared_data):
+def test_real_model_on_openbookqa_matches_numpy_reference(shared_data, llama2c_reference):
     """aidreams260K on 40 OpenBookQA questions: every choice's log-likelihood, and acc and
     acc_norm, equal a per-question computation with the independent NumPy llama2.c forward
     pass and tokenizer (no batching, no padding, no transformers)."""
-    tool = shared_data.parent / "tools" / "llama2c_reference.py"
-    if not tool.is_file():
-        pytest.skip("../shared/tools/llama2c_reference.py is not present")
-    spec = importlib.util.spec_from_file_location("llama2c_reference", tool)
-    reference = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reference)
+    reference = llama2c_reference
     folder = shared_data / "aidreams260K"
     weights = reference.load_model(str(folder / "aidreams260K.bin"))
     vocab, scores, _ = reference.load_tok(str(folder / "tok512.bin"), weights["vs"])

@@ -80,24 +80,17 @@ def test_refuses_empty_text(random_llama, byte_tokenizer):
         evaluate(random_llama, Silent(), Dataset.of_texts([""]), {"max_length": 8, "batch_size": 1})
 
 
-def test_real_model_perplexity_matches_numpy_reference(shared_data):
+def test_real_model_perplexity_matches_numpy_reference(shared_data, llama2c_reference):
     """aidreams260K on WikiText-2: our sliding-window perplexity equals one computed with the
     independent NumPy llama2.c implementation, for the base model and with its top layer
     dropped (the layer-dropped model scores better on this out-of-domain text)."""
-    import importlib.util
-
     import numpy as np
 
     from workers.data import load_documents
     from workers.methods import MethodContext, get_method
     from workers.models import load_model
 
-    tool = shared_data.parent / "tools" / "llama2c_reference.py"
-    if not tool.is_file():
-        pytest.skip("../shared/tools/llama2c_reference.py is not present")
-    spec = importlib.util.spec_from_file_location("llama2c_reference", tool)
-    reference = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reference)
+    reference = llama2c_reference
     weights = reference.load_model(str(shared_data / "aidreams260K" / "aidreams260K.bin"))
 
     loaded = load_model(f"llama2c:{shared_data / 'aidreams260K'}")
