@@ -98,6 +98,9 @@ class ModelEntry(_Strict):
     attn_implementation: str | None = Field(default=None, min_length=1)
     # auto: the trial's GPU when it has one, else the CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # config.model_type, for a model whose config cannot be read here (a hub id not in the
+    # local cache): lets validation check method and evaluator support; checked at load.
+    model_type: str | None = Field(default=None, min_length=1)
 
 
 class MethodEntry(_Strict):
@@ -587,6 +590,7 @@ def _semantic_problems(data: dict[str, Any], check_sources: bool) -> list[tuple[
                 problems.append((("models", i, "device"), "device cuda needs a GPU per trial, "
                                  "but resources.gpus_per_trial is 0; use device: auto or cpu"))
     problems.extend(_dataset_problems(data, known_evaluators))
+    problems.extend(_model_problems(data))
     problems.extend(_duplicate_problems(data, "models", "id"))
     problems.extend(_duplicate_problems(data, "datasets", "name"))
     if check_sources:
@@ -690,15 +694,82 @@ def _duplicate_problems(data: dict[str, Any], section: str, field: str) -> list[
     return out
 
 
+def model_families(data: dict[str, Any]) -> dict[int, Any]:
+    """Model index → family adapter, for the models whose type is known on the driver:
+    read from the checkpoint's config (local, built-in, llama2c, the hub cache) or, when
+    that cannot be read here, as the entry declares it (``model_type``)."""
+    from workers.models import family_for_model_type, model_type_of
+
+    out: dict[int, Any] = {}
+    for i, entry in enumerate(data.get("models") or []):
+        if not (isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"]):
+            continue
+        source = entry.get("source") if isinstance(entry.get("source"), str) else None
+        revision = entry.get("revision") if isinstance(entry.get("revision"), str) else None
+        declared = entry.get("model_type") if isinstance(entry.get("model_type"), str) else None
+        try:
+            found = model_type_of(entry["id"], source, revision)
+        except ValueError:
+            continue  # an unknown source: reported by the structural pass
+        try:
+            if found or declared:
+                out[i] = family_for_model_type(found or declared)
+        except ValueError:
+            continue  # reported by _model_problems
+    return out
+
+
+def _model_problems(data: dict[str, Any]) -> list[tuple[tuple, str]]:
+    """Model types are supported (and as declared), and every method can handle every
+    model family (before anything reads a model)."""
+    from workers.methods import family_lacks, methods
+    from workers.models import family_for_model_type, model_type_of
+
+    out: list[tuple[tuple, str]] = []
+    for i, entry in enumerate(data.get("models") or []):
+        if not (isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"]):
+            continue
+        source = entry.get("source") if isinstance(entry.get("source"), str) else None
+        revision = entry.get("revision") if isinstance(entry.get("revision"), str) else None
+        declared = entry.get("model_type") if isinstance(entry.get("model_type"), str) else None
+        try:
+            found = model_type_of(entry["id"], source, revision)
+        except ValueError:
+            continue
+        if found and declared and found != declared:
+            out.append((("models", i, "model_type"), f"declared {declared!r} but the model's "
+                        f"config says {found!r}; remove model_type or correct it"))
+            continue
+        model_type = found or declared
+        if model_type is None:
+            continue
+        try:
+            family_for_model_type(model_type)
+        except ValueError as exc:
+            where = ("models", i, "id") if found else ("models", i, "model_type")
+            out.append((where, str(exc)))
+    families = model_families(data)
+    registry = methods()
+    for j, method in enumerate(data.get("methods") or []):
+        info = registry.get(method.get("name")) if isinstance(method, dict) else None
+        if info is None or not info.requires:
+            continue
+        for i, family in families.items():
+            lacks = family_lacks(family, info.requires)
+            if lacks:
+                out.append((("methods", j, "name"), f"method {info.name} needs {lacks}, which "
+                            f"models[{i}] ({family.name}) does not have"))
+    return out
+
+
 def _source_problems(data: dict[str, Any]) -> list[tuple[tuple, str]]:
     """Models and datasets must exist, and each evaluator must be able to score each
     model × dataset pair, before anything is scheduled."""
     from workers.data import check_dataset, load_dataset, resolve
     from workers.evaluators import evaluators
-    from workers.models import check_model_id, family_for_model_type, model_type_of
+    from workers.models import check_model_id
 
     out = []
-    families: dict[int, Any] = {}  # model index → family adapter, when it can be known
     for i, entry in enumerate(data.get("models") or []):
         if isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"]:
             source = entry.get("source") if isinstance(entry.get("source"), str) else None
@@ -709,14 +780,7 @@ def _source_problems(data: dict[str, Any]) -> list[tuple[tuple, str]]:
                 continue  # an unknown source is already reported by the structural pass
             if not check.ok:
                 out.append((("models", i, "id"), check.message))
-                continue
-            model_type = model_type_of(entry["id"], source, revision)
-            if model_type is None:
-                continue  # a hub model not in the local cache: known once it loads
-            try:
-                families[i] = family_for_model_type(model_type)
-            except ValueError as exc:
-                out.append((("models", i, "id"), str(exc)))
+    families = model_families(data)
     known = evaluators()
     evaluation = data.get("evaluation") if isinstance(data.get("evaluation"), dict) else {}
     default_metrics = evaluation.get("metrics", EvaluationSettings().metrics)

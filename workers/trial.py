@@ -129,10 +129,16 @@ def base_model(config: dict[str, Any], device: str) -> LoadedModel:
     """The base model of this trial, read from disk once per process."""
     entry = config["model"]
     key = cache.stable_hash([entry, device])
-    return cache.cached_model(key, lambda: load_model(
+    loaded = cache.cached_model(key, lambda: load_model(
         entry["id"], dtype=entry.get("dtype"), device=device,
         trust_remote_code=bool(entry.get("trust_remote_code")), source=entry.get("source"),
         attn_implementation=entry.get("attn_implementation"), revision=entry.get("revision")))
+    declared = entry.get("model_type")
+    actual = getattr(loaded.model.config, "model_type", None)
+    if declared and actual != declared:
+        raise ValueError(f"model {entry['id']} is a {actual!r} model, not {declared!r} as its "
+                         "spec entry declares (model_type); correct or remove it")
+    return loaded
 
 
 @lru_cache(maxsize=16)
@@ -141,6 +147,9 @@ def _documents(name: str, split: str | None, limit: int | None, seed: int) -> tu
 
 
 _datasets: dict[str, Dataset] = {}
+# Calibration statistics of methods, per base model and calibration set, for the life of
+# the worker process: a sweep over several rates calibrates once (MethodContext.cached).
+_calibration_cache: dict[str, Any] = {}
 
 
 def dataset(entry: dict[str, Any], seed: int) -> Dataset:
@@ -252,11 +261,15 @@ def run_trial(config: dict[str, Any], deadline: Deadline | None = None) -> dict[
     bytes_before = model_bytes(loaded.model)
     method_started = time.perf_counter()
     if method.changes_model:
+        seed = int(config.get("seed", 0))
         context = MethodContext(
-            tokenizer=loaded.tokenizer, family=loaded.family, seed=int(config.get("seed", 0)),
-            device=device,
+            tokenizer=loaded.tokenizer, family=loaded.family, seed=seed, device=device,
             calibration_documents=lambda name, split, seed: list(_documents(name, split, None,
-                                                                            seed)))
+                                                                            seed)),
+            calibration_dataset=lambda entry: dataset(dict(entry), seed),
+            processor=getattr(loaded, "processor", None),
+            model_key=cache.stable_hash([config["model"], device]),
+            _cache=_calibration_cache)
         # The cached base must stay pristine for the next trial in this process.
         outcome = method.apply(copy.deepcopy(loaded.model), method_cfg.get("rate"), params,
                                context)
@@ -284,6 +297,7 @@ def run_trial(config: dict[str, Any], deadline: Deadline | None = None) -> dict[
             "bytes_after": model_bytes(variant),
             "probe_tokens": int(probe.shape[1]),
             "method_seconds": method_seconds,
+            "calibration_reused": bool(method.changes_model and context.cache_hits),
             "device": device,
             "model_loads_in_process": cache.model_loads(),
             "pid": os.getpid(),

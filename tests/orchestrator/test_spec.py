@@ -168,3 +168,25 @@ def test_model_loading_options():
     assert len(found) == 1 and "models[0].device: device cuda needs a GPU" in found[0]
     found = problems(dict(GOOD, models=[{"id": "builtin:tiny-llama", "device": "tpu"}]))
     assert len(found) == 1 and "models[0].device" in found[0]
+
+
+def test_methods_are_checked_against_model_families(tmp_path):
+    import tiny_models  # tests/ is on sys.path
+
+    mamba = tiny_models.BUILDERS["mamba"](tmp_path / "mamba")
+    data = dict(GOOD, models=[{"id": f"local:{mamba}"}])
+    found = problems(data)
+    assert len(found) == 1 and "methods[1].name: method head_mask needs attention heads, " \
+        "which models[0] (mamba) does not have" in found[0]
+    # Checked without reading sources too (sweep validate --skip-sources).
+    with pytest.raises(SpecError):
+        spec.loads(yaml.safe_dump(data), check_sources=False)
+    # A hub model that cannot be read here is checked as its entry declares it.
+    hub = dict(GOOD, models=[{"id": "state-spaces/mamba-130m-hf", "model_type": "mamba"}])
+    with pytest.raises(SpecError, match="head_mask needs attention heads"):
+        spec.loads(yaml.safe_dump(hub), check_sources=False)
+    found = problems(dict(GOOD, models=[{"id": f"local:{mamba}", "model_type": "llama"}]))
+    assert any("models[0].model_type: declared 'llama' but the model's config says 'mamba'"
+               in p for p in found)
+    found = problems(dict(GOOD, models=[{"id": "org/x", "model_type": "gpt2"}]))
+    assert any("models[0].model_type: unsupported model type 'gpt2'" in p for p in found)

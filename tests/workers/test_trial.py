@@ -153,3 +153,9 @@ def test_device_follows_the_model_entry_and_the_trial_s_gpu(monkeypatch):
         trial._device({"use_gpu": False, "model": {"device": "cuda"}})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert trial._device({"use_gpu": True, "model": {}}) == "cpu"
+
+
+def test_a_declared_model_type_is_checked_when_the_model_loads(tiny_llama_dir):
+    cfg = dict(config("none"), model={"id": "builtin:tiny-llama", "model_type": "mamba"})
+    with pytest.raises(ValueError, match="is a 'llama' model, not 'mamba'"):
+        trial.run_trial(cfg)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,13 +35,40 @@ class NoParams(MethodConfig):
 
 @dataclass
 class MethodContext:
-    """What a method may use besides the model: the tokenizer, calibration text, seed."""
+    """What a method may use besides the model.
+
+    ``calibration_documents(name, split, seed)`` gives the text documents of a dataset;
+    ``calibration_dataset(entry)`` the samples of a dataset entry written like a spec's
+    (``{"name", "format", "fields", "split", "limit", …}``, see ``workers.data``), for
+    methods that calibrate on questions (and their images). ``processor`` is the model's
+    processor for vision-language models. ``cached(key, compute)`` keeps what ``compute``
+    returns for the life of the worker process under ``key`` (extended with
+    ``model_key``, which names the base model and device), so calibration statistics are
+    computed once for all rates of a sweep; ``cache_hits`` counts reuses for the evidence.
+    """
 
     tokenizer: Any
     family: Any
     seed: int
     device: str
     calibration_documents: Callable[[str, str | None, int], list[str]]
+    calibration_dataset: Callable[[Mapping[str, Any]], Any] | None = None
+    processor: Any = None
+    model_key: str = ""
+    _cache: dict[str, Any] = field(default_factory=dict)
+    cache_hits: int = 0
+
+    def cached(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()``, or what it returned before for the same ``key`` and base model."""
+        from workers.cache import stable_hash
+
+        full = stable_hash([self.model_key, key])
+        if full in self._cache:
+            self.cache_hits += 1
+            return self._cache[full]
+        value = compute()
+        self._cache[full] = value
+        return value
 
 
 @dataclass
@@ -54,6 +81,28 @@ class MethodOutcome:
     """Variant parameter name → base parameter name, for structure changes that rename."""
 
 
+# What a method may need of a model family (checked on the driver, before Ray starts):
+# "attention_heads" (attention with heads: not Mamba), "mlp" (gate/up/down projections:
+# not Mamba), "state_space" (Mamba mixers), "vision_language" (an image encoder).
+REQUIREMENTS = ("attention_heads", "mlp", "state_space", "vision_language")
+
+
+def family_lacks(family: Any, requires: tuple[str, ...]) -> str | None:
+    """What of ``requires`` the model family lacks, as a phrase; None when it has it all."""
+    has = {
+        "attention_heads": family.has_attention,
+        "mlp": family.has_attention,  # every family with attention here has a gated MLP
+        "state_space": not family.has_attention,
+        "vision_language": family.is_vision_language,
+    }
+    missing = [need for need in requires if not has[need]]
+    if not missing:
+        return None
+    words = {"attention_heads": "attention heads", "mlp": "MLP projections",
+             "state_space": "state-space (Mamba) mixers", "vision_language": "an image encoder"}
+    return " and ".join(words[m] for m in missing)
+
+
 @dataclass(frozen=True)
 class MethodInfo:
     """A registered method."""
@@ -64,19 +113,27 @@ class MethodInfo:
     apply: Callable[..., MethodOutcome]
     rate_meaning: str
     changes_model: bool = True
+    requires: tuple[str, ...] = ()
 
 
 _METHODS: dict[str, MethodInfo] = {}
 
 
 def register_method(name: str, *, config: type[MethodConfig], description: str,
-                    rate_meaning: str, changes_model: bool = True):
-    """Register ``apply`` as method ``name`` with its config class."""
+                    rate_meaning: str, changes_model: bool = True,
+                    requires: tuple[str, ...] = ()):
+    """Register ``apply`` as method ``name`` with its config class; ``requires`` lists what
+    it needs of a model family (:data:`REQUIREMENTS`)."""
+    unknown = [r for r in requires if r not in REQUIREMENTS]
+    if unknown:
+        raise ValueError(f"method {name!r}: unknown requirement {unknown[0]!r}; "
+                         f"one of {REQUIREMENTS}")
 
     def wrap(apply: Callable[..., MethodOutcome]) -> Callable[..., MethodOutcome]:
         if name in _METHODS:
             raise ValueError(f"method {name!r} registered twice")
-        _METHODS[name] = MethodInfo(name, description, config, apply, rate_meaning, changes_model)
+        _METHODS[name] = MethodInfo(name, description, config, apply, rate_meaning, changes_model,
+                                    tuple(requires))
         return apply
 
     return wrap

@@ -101,6 +101,7 @@ def calibration_batches(ctx: MethodContext, config: HeadMaskConfig) -> list[Any]
     description="Zero the least important attention heads (mean |output| on calibration text) "
                 "in o_proj.",
     rate_meaning="fraction of attention heads masked (global ranking, or per layer)",
+    requires=("attention_heads",),
 )
 def apply(model: Any, rate: float, config: HeadMaskConfig, ctx: MethodContext) -> MethodOutcome:
     """Mask the least important heads by zeroing their ``o_proj`` input columns."""
