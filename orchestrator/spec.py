@@ -104,10 +104,11 @@ class ModelEntry(_Strict):
 
 
 class MethodEntry(_Strict):
-    """One compression method with the rates to sweep and its parameters."""
+    """One compression method with the rates to sweep and its parameters (a method
+    without a rate, such as a dtype cast, takes no ``rates`` and gives one trial)."""
 
     name: str = Field(min_length=1)
-    rates: list[float] = Field(min_length=1)
+    rates: list[float] | None = Field(default=None, min_length=1)
     params: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -539,6 +540,13 @@ def _semantic_problems(data: dict[str, Any], check_sources: bool) -> list[tuple[
                 else:
                     seen_methods[key] = i
             rates = entry.get("rates")
+            info = known_methods.get(name) if isinstance(name, str) else None
+            if info is not None and info.uses_rate and rates is None:
+                problems.append((("methods", i, "rates"), f"required: the rates to sweep, each "
+                                 f"in (0, 1) ({info.rate_meaning})"))
+            elif info is not None and not info.uses_rate and rates is not None:
+                problems.append((("methods", i, "rates"), f"method {name} takes no rate; remove "
+                                 "rates (it gives one trial per model and dataset)"))
             if isinstance(rates, list):
                 seen_rates: set[float] = set()
                 for j, rate in enumerate(rates):
@@ -838,7 +846,7 @@ def trial_key(model: dict, method: str, params: dict, rate: float | None, datase
 
 def grid_size(spec: SweepSpec) -> int:
     """Number of trials ``expand`` would produce, without building them."""
-    per_pair = 1 + sum(len(method.rates) for method in spec.methods)
+    per_pair = 1 + sum(len(method.rates) if method.rates else 1 for method in spec.methods)
     return len(spec.models) * len(spec.datasets) * per_pair
 
 
@@ -863,7 +871,10 @@ def expand(spec: SweepSpec) -> list[TrialSpec]:
                 # Defaults are filled in so that spelling a default out does not change the key.
                 params = registry[method.name].config.model_validate(method.params).model_dump(
                     mode="json", by_alias=True)
-                grid.extend((method.name, params, float(rate)) for rate in method.rates)
+                if method.rates is None:
+                    grid.append((method.name, params, None))  # a method without a rate
+                else:
+                    grid.extend((method.name, params, float(rate)) for rate in method.rates)
             for method_name, params, rate in grid:
                 key = trial_key(model_key, method_name, params, rate, dataset_key,
                                 evaluation_key, spec.seed)

@@ -190,3 +190,23 @@ def test_methods_are_checked_against_model_families(tmp_path):
                in p for p in found)
     found = problems(dict(GOOD, models=[{"id": "org/x", "model_type": "gpt2"}]))
     assert any("models[0].model_type: unsupported model type 'gpt2'" in p for p in found)
+
+
+def test_a_method_without_rates_gives_one_trial():
+    from workers.methods import MethodOutcome, NoParams, methods, register_method
+
+    if "test_rateless" not in methods():
+        @register_method("test_rateless", config=NoParams, description="a cast (test)",
+                         rate_meaning="no rate", uses_rate=False)
+        def _rateless(model, rate, params, ctx):
+            return MethodOutcome(model=model)
+
+    data = dict(GOOD, methods=[{"name": "test_rateless"}, GOOD["methods"][0]])
+    trials = spec.expand(loads(data))
+    assert [(t.method, t.rate) for t in trials] == [
+        ("none", None), ("test_rateless", None), ("drop_layers", 0.25), ("drop_layers", 0.5)]
+    assert spec.grid_size(loads(data)) == 4
+    found = problems(dict(GOOD, methods=[{"name": "test_rateless", "rates": [0.5]}]))
+    assert len(found) == 1 and "methods[0].rates: method test_rateless takes no rate" in found[0]
+    found = problems(dict(GOOD, methods=[{"name": "drop_layers"}]))
+    assert len(found) == 1 and "methods[0].rates: required: the rates to sweep" in found[0]

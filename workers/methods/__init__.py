@@ -114,6 +114,8 @@ class MethodInfo:
     rate_meaning: str
     changes_model: bool = True
     requires: tuple[str, ...] = ()
+    # False for methods without a rate (a dtype cast): ``apply`` gets rate None.
+    uses_rate: bool = True
 
 
 _METHODS: dict[str, MethodInfo] = {}
@@ -121,9 +123,10 @@ _METHODS: dict[str, MethodInfo] = {}
 
 def register_method(name: str, *, config: type[MethodConfig], description: str,
                     rate_meaning: str, changes_model: bool = True,
-                    requires: tuple[str, ...] = ()):
+                    requires: tuple[str, ...] = (), uses_rate: bool = True):
     """Register ``apply`` as method ``name`` with its config class; ``requires`` lists what
-    it needs of a model family (:data:`REQUIREMENTS`)."""
+    it needs of a model family (:data:`REQUIREMENTS`); ``uses_rate=False`` for a method
+    swept without rates (one trial, ``rate`` None)."""
     unknown = [r for r in requires if r not in REQUIREMENTS]
     if unknown:
         raise ValueError(f"method {name!r}: unknown requirement {unknown[0]!r}; "
@@ -133,7 +136,7 @@ def register_method(name: str, *, config: type[MethodConfig], description: str,
         if name in _METHODS:
             raise ValueError(f"method {name!r} registered twice")
         _METHODS[name] = MethodInfo(name, description, config, apply, rate_meaning, changes_model,
-                                    tuple(requires))
+                                    tuple(requires), uses_rate)
         return apply
 
     return wrap
