@@ -82,6 +82,8 @@ def local_ray_environment() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Tune's own console table would fight with our progress bar.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Trials resolve the spec's relative paths from the launch directory, not Tune's.
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
 
 
 def storage_dir(storage_path: str | None = None) -> Path:
@@ -374,7 +376,8 @@ def run(plan_: LaunchPlan, db_url: str, *, max_concurrent: int | None = None,
         cpus = spec.resources.cpus_per_trial
         sha = git_sha()
         configs = [dict(t.config, use_gpu=gpus > 0, cpus_per_trial=cpus, git_sha=sha,
-                        result_dir=plan_.result_dir) for t in plan_.to_run]
+                        result_dir=plan_.result_dir, driver_cwd=os.getcwd())
+                   for t in plan_.to_run]
         progress = Progress([c["trial_key"] for c in configs], on_change)
         attempts: dict[str, int] = dict.fromkeys(progress.states, 0)
         storage = storage_dir(storage_path)

@@ -428,6 +428,11 @@ def tune_trainable(config: dict[str, Any]) -> None:
     from ray import tune
 
     trial = config["trial"]
+    # Relative paths in the spec (datasets, images, model directories, calibration files)
+    # mean what they meant where `sweep launch` ran, not in Tune's trial directory.
+    driver_cwd = trial.get("driver_cwd")
+    if driver_cwd and os.path.isdir(driver_cwd):
+        os.chdir(driver_cwd)
     result, timed_out = _run_within_limits(trial)
     if trial.get("result_dir"):
         result_files.write(trial["result_dir"], trial["trial_key"], result)

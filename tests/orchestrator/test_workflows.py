@@ -156,3 +156,18 @@ def test_aidreams_wikitext_perplexity_and_openbookqa(tmp_path, ray_session, shar
     })
     assert_all_done(results)
     assert results["none"]["metrics"]["mc_samples"] == 40
+
+
+def test_relative_paths_in_a_spec_mean_the_launch_directory(tmp_path, ray_session, fixtures,
+                                                            monkeypatch):
+    """Tune runs each trial in its own directory; the spec's relative dataset, image and
+    model paths must still resolve from where `sweep launch` ran."""
+    root = fixtures["root"]
+    monkeypatch.chdir(root)
+    results = run_sweep(tmp_path, {
+        "name": "relative", "models": [{"id": "./mamba"}],
+        "methods": [{"name": "drop_layers", "rates": [0.5]}],
+        "datasets": [{"name": "text.txt", "metrics": ["perplexity"]}],
+        "evaluation": {"max_length": 32, "stride": 16, "probe_length": 8},
+    })
+    assert_all_done(results)
