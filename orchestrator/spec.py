@@ -775,6 +775,7 @@ def _source_problems(data: dict[str, Any]) -> list[tuple[tuple, str]]:
     model × dataset pair, before anything is scheduled."""
     from workers.data import check_dataset, load_dataset, resolve
     from workers.evaluators import evaluators
+    from workers.methods import methods
     from workers.models import check_model_id
 
     out = []
@@ -788,6 +789,19 @@ def _source_problems(data: dict[str, Any]) -> list[tuple[tuple, str]]:
                 continue  # an unknown source is already reported by the structural pass
             if not check.ok:
                 out.append((("models", i, "id"), check.message))
+    registry = methods()
+    for i, entry in enumerate(data.get("methods") or []):
+        info = registry.get(entry.get("name")) if isinstance(entry, dict) else None
+        if info is None or not isinstance(entry.get("params", {}), dict):
+            continue
+        try:
+            params = info.config.model_validate(entry.get("params", {}))
+        except ValidationError:
+            continue  # reported by the structural pass
+        for name, dataset_entry in params.dataset_entries().items():
+            check = check_dataset(dataset_entry)
+            if not check.ok:
+                out.append((("methods", i, "params", name, "name"), check.message))
     families = model_families(data)
     known = evaluators()
     evaluation = data.get("evaluation") if isinstance(data.get("evaluation"), dict) else {}

@@ -154,3 +154,16 @@ def test_prompt_templates_name_only_known_placeholders(section: str):
     ok = dict(BASE, datasets=[{"name": "builtin:pydoc"}],
               evaluation={section: {"template": "{context}\nQ: {question} {{A}}:"}})
     spec.loads(yaml.safe_dump(ok))
+
+
+def test_a_method_s_calibration_data_is_checked_before_launch(tmp_path: Path, mc_file: str):
+    missing = {"name": "s4_heads", "rates": [0.1],
+               "params": {"calibration": {"name": str(tmp_path / "nope.jsonl"),
+                                          "format": "scienceqa"}}}
+    found = problems(dict(BASE, methods=[missing], datasets=[{"name": "builtin:pydoc"}]))
+    assert len(found) == 1 and "methods[0].params.calibration.name" in found[0]
+    assert "does not exist" in found[0]
+    present = dict(missing, params={"calibration": {
+        "name": mc_file, "format": "multiple_choice",
+        "fields": {"question": "q", "choices": "options", "answer": "label"}}})
+    spec.loads(yaml.safe_dump(dict(BASE, methods=[present], datasets=[{"name": "builtin:pydoc"}])))

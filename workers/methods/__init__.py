@@ -28,6 +28,11 @@ class MethodConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
+    def dataset_entries(self) -> dict[str, dict[str, Any]]:
+        """Dataset entries among the parameters (parameter name → entry), so the driver
+        checks before Ray starts that they can be read, as it does the spec's datasets."""
+        return {}
+
 
 class NoParams(MethodConfig):
     """Config of a method without parameters."""

@@ -116,6 +116,9 @@ class S4HeadsConfig(MethodConfig):
     residual_transfer: bool = False
     transfer_clip: float = Field(default=1.0, gt=0)
 
+    def dataset_entries(self) -> dict[str, dict[str, Any]]:
+        return {"calibration": self.calibration}
+
     @field_validator("calibration")
     @classmethod
     def _calibration_entry(cls, entry: dict[str, Any]) -> dict[str, Any]:
