@@ -11,6 +11,7 @@ from functools import cache
 from typing import Any
 
 from workers.models import LoadedModel, family_for
+from workers.models.structure import has_structure, load_structured_model
 
 DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "auto": "auto"}
 
@@ -134,7 +135,9 @@ def load_hf_model(path: str, dtype: str | None = None, device: str = "cpu",
 
     Causal LMs come with their tokenizer; image-text-to-text models also with their
     processor (``LoadedModel.processor``, whose tokenizer is ``LoadedModel.tokenizer``).
-    ``attn_implementation`` and ``revision`` go to ``from_pretrained`` when given.
+    ``attn_implementation`` and ``revision`` go to ``from_pretrained`` when given. A
+    checkpoint whose config records per-layer sizes (``compress_sweep_structure``, written
+    by structural pruning) loads through :func:`workers.models.structure.load_structured_model`.
     """
     import transformers
     from transformers import AutoConfig, AutoTokenizer
@@ -147,7 +150,11 @@ def load_hf_model(path: str, dtype: str | None = None, device: str = "cpu",
     model_options = dict(options, dtype=torch_dtype(dtype))
     if attn_implementation is not None:
         model_options["attn_implementation"] = attn_implementation
-    model = getattr(transformers, auto_class).from_pretrained(path, **model_options)
+    if has_structure(config):  # per-layer sizes (structural pruning): shaped before loading
+        model = load_structured_model(getattr(transformers, auto_class), path, config,
+                                      **model_options)
+    else:
+        model = getattr(transformers, auto_class).from_pretrained(path, **model_options)
     model.to(device)
     model.eval()
     processor = None
