@@ -210,3 +210,25 @@ def test_a_method_without_rates_gives_one_trial():
     assert len(found) == 1 and "methods[0].rates: method test_rateless takes no rate" in found[0]
     found = problems(dict(GOOD, methods=[{"name": "drop_layers"}]))
     assert len(found) == 1 and "methods[0].rates: required: the rates to sweep" in found[0]
+
+
+def test_yaml_merge_keys_share_parameters_and_may_be_overridden():
+    text = """
+name: s
+models: [{id: builtin:tiny-llama}]
+methods:
+  - name: head_mask
+    rates: [0.5]
+    params: &shared {scope: global, calibration_samples: 4}
+  - name: head_mask
+    rates: [0.25]
+    params: {<<: *shared, scope: layer}
+datasets: [{name: builtin:pydoc}]
+"""
+    trials = spec.expand(spec.loads(text))
+    params = [t.params for t in trials if t.method == "head_mask"]
+    assert [p["scope"] for p in params] == ["global", "layer"]
+    assert {p["calibration_samples"] for p in params} == {4}
+    # A key written twice in one mapping is still an error.
+    with pytest.raises(SpecError, match="duplicate key 'scope'"):
+        spec.loads(text.replace("{<<: *shared, scope: layer}", "{scope: layer, scope: global}"))
