@@ -40,6 +40,8 @@ def run_sweep(tmp_path: Path, data: dict) -> dict[str, dict]:
     with session_scope(engine) as session:
         for trial in session.scalars(select(Trial).join(Sweep).where(Sweep.name == data["name"])):
             label = trial.method if trial.rate is None else f"{trial.method}@{trial.rate:g}"
+            if (trial.params or {}).get("allocation"):
+                label += f"/{trial.params['allocation']}"
             out[label] = {
                 "status": trial.status, "error": trial.error_message,
                 "metrics": {m.name: m.value for m in trial.metrics},
@@ -171,3 +173,50 @@ def test_relative_paths_in_a_spec_mean_the_launch_directory(tmp_path, ray_sessio
         "evaluation": {"max_length": 32, "stride": 16, "probe_length": 8},
     })
     assert_all_done(results)
+
+
+def test_s4_rates_twin_llava_scienceqa(tmp_path, ray_session, fixtures):
+    """sweeps/s4_rates.yaml on a tiny LLaVA: three allocations, calibrated once each."""
+    root = fixtures["root"]
+    shared = {"calibration": {"name": str(root / "scienceqa.jsonl"), "format": "scienceqa",
+                              "images": str(root / "images")},
+              "n_calibration": 2, "gamma": 0.4}
+    results = run_sweep(tmp_path, {
+        "name": "s4-twin-rates", "models": [{"id": f"local:{fixtures['llava']}"}],
+        "methods": [
+            {"name": "s4_heads", "rates": [0.25, 0.5], "params": dict(shared,
+                                                                    allocation="uniform")},
+            {"name": "s4_heads", "rates": [0.25], "params": dict(shared, allocation="adaptive")},
+            {"name": "s4_heads", "rates": [0.25], "params": dict(
+                shared, allocation="early_skip", protected_layers=1, late_start=2)},
+        ],
+        "datasets": [{"name": str(root / "scienceqa.jsonl"), "format": "scienceqa",
+                      "images": str(root / "images"), "metrics": ["multiple_choice"]}],
+        "evaluation": {"probe_length": 8},
+        "max_concurrent_trials": 1,
+    })
+    assert_all_done(results)
+    assert set(results) == {"none", "s4_heads@0.25/uniform", "s4_heads@0.5/uniform",
+                            "s4_heads@0.25/adaptive", "s4_heads@0.25/early_skip"}
+
+
+def test_mamba_scan_twin_is_invalid_not_better(tmp_path, ray_session, fixtures):
+    """sweeps/mamba_scan.yaml on a tiny Mamba: the reordered variant is recorded as an
+    invalid evaluation (it sees future tokens), the layer-dropped one is measured."""
+    path = tmp_path / "scan.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "scan-twin", "models": [{"id": f"local:{fixtures['mamba']}"}],
+        "methods": [{"name": "mamba_scan_order", "params": {"length": 32}},
+                    {"name": "drop_layers", "rates": [0.5]}],
+        "datasets": [{"name": str(fixtures["root"] / "text.txt"), "metrics": ["perplexity"]}],
+        "evaluation": {"max_length": 32, "stride": 16, "probe_length": 16},
+    }))
+    url = f"sqlite:///{tmp_path / 'scan.db'}"
+    launch.run(launch.plan(spec.load(path), str(path), url), url)
+    engine = ensure_schema(url, create=False)
+    with session_scope(engine) as session:
+        rows = {t.method: (t.status, t.failure_reason, {m.name for m in t.metrics})
+                for t in session.scalars(select(Trial))}
+    assert rows["mamba_scan_order"][:2] == ("failed", "invalid_evaluation")
+    assert "perplexity" not in rows["mamba_scan_order"][2]
+    assert rows["drop_layers"][0] == rows["none"][0] == "done"
