@@ -192,9 +192,47 @@ def parameter_count(model: Any) -> int:
 
 
 def model_bytes(model: Any) -> int:
-    """Bytes of parameters and buffers (shared tensors counted once)."""
+    """Bytes of parameters and buffers (shared tensors counted once), plus the weights that
+    torch.ao quantized modules keep packed outside them.
+
+    A packed weight (``_weight_bias()`` of a quantized linear's ``LinearPackedParams``, of a
+    quantized convolution or dynamic RNN; ``_weight()`` of an ``EmbeddingPackedParams``)
+    counts its integer values at their element size (1 byte for qint8 / quint8) plus its
+    quantization parameters: a per-tensor scale and zero point as 8 bytes each, per-channel
+    ones at the element size torch holds them in (float64 / int64 for a linear's qint8
+    weight); a packed bias counts at its float size.
+    """
+    import torch
+
     tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def packed_bytes(value: Any) -> int:
+        if isinstance(value, dict):
+            return sum(packed_bytes(v) for v in value.values())
+        if isinstance(value, tuple | list):
+            return sum(packed_bytes(v) for v in value)
+        if not isinstance(value, torch.Tensor):
+            return 0
+        size = value.numel() * value.element_size()
+        if value.is_quantized and value.qscheme() in (torch.per_tensor_affine,
+                                                      torch.per_tensor_symmetric):
+            size += 8 + 8
+        elif value.is_quantized:
+            size += sum(t.numel() * t.element_size() for t in (
+                value.q_per_channel_scales(), value.q_per_channel_zero_points()))
+        return size
+
+    for module in model.modules():
+        if not type(module).__module__.startswith("torch.ao.nn."):
+            continue
+        if isinstance(getattr(module, "_packed_params", None), torch.nn.Module):
+            continue  # a quantized Linear: its LinearPackedParams child holds the weight
+        if callable(getattr(module, "_weight_bias", None)):
+            total += packed_bytes(module._weight_bias())
+        elif callable(getattr(module, "_weight", None)):
+            total += packed_bytes(module._weight())
+    return total
 
 
 def changed_fraction(base: Any, variant: Any, renamed: dict[str, str]) -> float:

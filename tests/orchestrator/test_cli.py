@@ -70,7 +70,7 @@ def test_methods_json():
     for row in rows:
         assert set(row) >= {"name", "description", "params"}
     drop = next(r for r in rows if r["name"] == "drop_layers")
-    assert drop["params"]["from"]["choices"] == ["top", "bottom"]
+    assert drop["params"]["from"]["choices"] == ["top", "bottom", "block_influence"]
 
 
 def test_read_commands_on_missing_database(tmp_path):

@@ -159,3 +159,43 @@ def test_a_declared_model_type_is_checked_when_the_model_loads(tiny_llama_dir):
     cfg = dict(config("none"), model={"id": "builtin:tiny-llama", "model_type": "mamba"})
     with pytest.raises(ValueError, match="is a 'llama' model, not 'mamba'"):
         trial.run_trial(cfg)
+
+
+def test_model_bytes_counts_the_packed_weights_of_quantized_modules():
+    """torch.ao quantized linears keep weight and bias packed, outside parameters and
+    buffers: each counts 1 byte per qint8 weight plus its scale and zero point (float64 and
+    int64, per output channel or once per tensor) and 4 bytes per float32 bias value."""
+    import warnings
+
+    from torch.ao.quantization import (
+        default_dynamic_qconfig,
+        per_channel_dynamic_qconfig,
+        quantize_dynamic,
+    )
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4, bias=False),
+                                torch.nn.LayerNorm(4))
+    model[2].register_buffer("steps", torch.zeros(3, dtype=torch.int64))
+    floats = 4 * (16 * 8 + 8 + 8 * 4 + 4 + 4) + 8 * 3
+    assert trial.model_bytes(model) == floats
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = quantize_dynamic(model, {"0": per_channel_dynamic_qconfig,
+                                             "1": default_dynamic_qconfig}, inplace=False)
+    assert list(quantized.parameters()) == list(quantized[2].parameters())  # weights hidden
+    first = 16 * 8 + 8 * (8 + 8) + 4 * 8  # per-channel weight, scales, zero points, bias
+    second = 8 * 4 + 8 + 8  # per-tensor weight, one scale and zero point, no bias
+    assert trial.model_bytes(quantized) == 4 * (4 + 4) + 8 * 3 + first + second
+    # The other torch.ao modules with packed weights.
+    from torch.ao.nn import quantized as nnq
+
+    conv = nnq.Conv2d(3, 4, 3)  # a per-tensor qint8 weight, a float32 bias
+    assert trial.model_bytes(conv) == 4 * 3 * 3 * 3 + 8 + 8 + 4 * 4
+    embedding = nnq.Embedding(10, 8)  # quint8 rows, a float32 scale and offset per row
+    assert trial.model_bytes(embedding) == 10 * 8 + 10 * (4 + 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lstm = quantize_dynamic(torch.nn.Sequential(torch.nn.LSTM(8, 4)), {torch.nn.LSTM})
+    # Two per-tensor qint8 matrices (16×8, 16×4) and two float32 biases of 16.
+    assert trial.model_bytes(lstm) == 16 * 8 + 16 * 4 + 2 * (8 + 8) + 2 * 16 * 4
