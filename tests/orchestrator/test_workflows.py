@@ -220,3 +220,26 @@ def test_mamba_scan_twin_is_invalid_not_better(tmp_path, ray_session, fixtures):
     assert rows["mamba_scan_order"][:2] == ("failed", "invalid_evaluation")
     assert "perplexity" not in rows["mamba_scan_order"][2]
     assert rows["drop_layers"][0] == rows["none"][0] == "done"
+
+
+def test_exaone_lightweight_twin(tmp_path, ray_session, fixtures):
+    """sweeps/exaone_lightweight.yaml on a tiny EXAONE 4: drop layers, prune heads, reduce
+    the hidden size (channels basis: post-norm), cast; scored against the baseline."""
+    exaone = tiny_models.BUILDERS["exaone4"](fixtures["root"] / "exaone4")
+    text = {"calibration_samples": 2, "calibration_length": 32}
+    results = run_sweep(tmp_path, {
+        "name": "exaone-twin", "models": [{"id": f"local:{exaone}"}],
+        "methods": [
+            {"name": "drop_layers", "rates": [0.25], "params": {"from": "top"}},
+            {"name": "prune_heads", "rates": [0.5], "params": dict(text, groups="query_heads")},
+            {"name": "reduce_hidden", "rates": [0.25], "params": dict(text, basis="channels")},
+            {"name": "cast", "params": {"dtype": "bfloat16"}},
+        ],
+        "datasets": [{"name": str(fixtures["root"] / "text.txt")}],
+        "evaluation": {"max_length": 32, "stride": 16, "probe_length": 8, "speed": FAST_SPEED},
+        "score": {"quality_metric": "perplexity", "weight": 0.5},
+    })
+    assert_all_done(results)
+    base = results["none"]["metrics"]["params"]
+    for label in ("drop_layers@0.25", "prune_heads@0.5", "reduce_hidden@0.25"):
+        assert results[label]["metrics"]["params"] < base, label
