@@ -187,13 +187,53 @@ def logits_of(model: Any, batch: Any) -> Any:
 
 
 def parameter_count(model: Any) -> int:
-    """Number of parameters (shared tensors counted once)."""
-    return sum(p.numel() for p in model.parameters())
+    """Number of weights the model represents: its parameters (shared tensors counted once)
+    plus the weights that quantized modules hold outside parameters, so a quantized variant
+    keeps the count of the float model it stands for.
+
+    Those are the int8 weight values of ``quantize``'s ``Int8PerTokenLinear`` (a buffer;
+    its bias stays a parameter) and the packed weight and bias values of torch.ao quantized
+    modules (the tensors :func:`model_bytes` counts: ``_weight_bias()`` of a quantized
+    linear, convolution or dynamic RNN, ``_weight()`` of an embedding). Quantization
+    scales and zero points are not weights and are not counted.
+    """
+    import torch
+
+    from workers.methods.quantize import Int8PerTokenLinear
+
+    tensors = {id(p): p for p in model.parameters()}
+
+    def collect(value: Any) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, tuple | list):
+            for item in value:
+                collect(item)
+        elif isinstance(value, torch.Tensor):
+            tensors[id(value)] = value
+
+    for module in model.modules():
+        if isinstance(module, Int8PerTokenLinear):
+            tensors[id(module.weight_int8)] = module.weight_int8
+        elif not type(module).__module__.startswith("torch.ao.nn."):
+            continue
+        elif isinstance(getattr(module, "_packed_params", None), torch.nn.Module):
+            continue  # a quantized Linear: its LinearPackedParams child holds the weight
+        elif callable(getattr(module, "_weight_bias", None)):
+            collect(module._weight_bias())
+        elif callable(getattr(module, "_weight", None)):
+            collect(module._weight())
+    return sum(t.numel() for t in tensors.values())
 
 
 def model_bytes(model: Any) -> int:
     """Bytes of parameters and buffers (shared tensors counted once), plus the weights that
     torch.ao quantized modules keep packed outside them.
+
+    ``quantize``'s ``Int8PerTokenLinear`` keeps its int8 weight (1 byte per value) and its
+    float32 per-output-channel scales as buffers and its float bias as a parameter, so the
+    sum of parameters and buffers covers it.
 
     A packed weight (``_weight_bias()`` of a quantized linear's ``LinearPackedParams``, of a
     quantized convolution or dynamic RNN; ``_weight()`` of an ``EmbeddingPackedParams``)

@@ -199,3 +199,63 @@ def test_model_bytes_counts_the_packed_weights_of_quantized_modules():
         lstm = quantize_dynamic(torch.nn.Sequential(torch.nn.LSTM(8, 4)), {torch.nn.LSTM})
     # Two per-tensor qint8 matrices (16×8, 16×4) and two float32 biases of 16.
     assert trial.model_bytes(lstm) == 16 * 8 + 16 * 4 + 2 * (8 + 8) + 2 * 16 * 4
+
+
+def test_int8_variants_keep_the_parameter_count_and_their_bytes_are_counted_by_hand():
+    """A quantized variant still represents the weights of its float model: parameter_count
+    counts the int8 values of Int8PerTokenLinear (a buffer) and the packed weights and
+    biases of torch.ao modules as parameters (never their scales or zero points).
+    model_bytes counts Int8PerTokenLinear's buffers: 1 byte per int8 weight and a float32
+    scale per output channel, plus its float32 bias."""
+    import warnings
+
+    from torch.ao.nn import quantized as nnq
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    from workers.methods.quantize import (
+        Int8PerTokenLinear,
+        quantize_int8_dynamic_per_tensor,
+        quantize_int8_per_token,
+    )
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4, bias=False),
+                                torch.nn.LayerNorm(4))
+    model[2].register_buffer("steps", torch.zeros(3, dtype=torch.int64))
+    floats = 16 * 8 + 8 + 8 * 4 + 4 + 4
+    assert trial.parameter_count(model) == floats
+    norm_bytes = 4 * (4 + 4) + 8 * 3
+
+    per_token = copy.deepcopy(model)
+    quantize_int8_per_token(per_token, ["0", "1"])
+    assert isinstance(per_token[0], Int8PerTokenLinear)
+    assert [n for n, _ in per_token.named_parameters()] == ["0.bias", "2.weight", "2.bias"]
+    assert trial.parameter_count(per_token) == floats
+    first = 16 * 8 + 4 * 8 + 4 * 8  # int8 weight, float32 scale per output channel, bias
+    second = 8 * 4 + 4 * 4  # int8 weight, float32 scale per output channel, no bias
+    assert trial.model_bytes(per_token) == norm_bytes + first + second
+
+    per_tensor = copy.deepcopy(model)
+    quantize_int8_dynamic_per_tensor(per_tensor, ["0", "1"])
+    assert list(per_tensor.parameters()) == list(per_tensor[2].parameters())  # weights hidden
+    assert trial.parameter_count(per_tensor) == floats
+    # Other torch.ao modules with packed weights count their weight and bias values.
+    assert trial.parameter_count(nnq.Conv2d(3, 4, 3)) == 4 * 3 * 3 * 3 + 4
+    assert trial.parameter_count(nnq.Embedding(10, 8)) == 10 * 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lstm = quantize_dynamic(torch.nn.Sequential(torch.nn.LSTM(8, 4)), {torch.nn.LSTM},
+                                inplace=False)
+        linear = quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(16, 8)),
+                                  {"0": per_channel_dynamic_qconfig})
+    assert trial.parameter_count(lstm) == 16 * 8 + 16 * 4 + 2 * 16
+    assert trial.parameter_count(linear) == 16 * 8 + 8
+
+    # A linear shared under two names stays one module, counted once.
+    shared = torch.nn.Linear(8, 8)
+    twice = torch.nn.Sequential(shared, shared)
+    assert trial.parameter_count(twice) == 8 * 8 + 8
+    quantize_int8_per_token(twice, ["0"])
+    assert twice[0] is twice[1] and isinstance(twice[1], Int8PerTokenLinear)
+    assert trial.parameter_count(twice) == 8 * 8 + 8
+    assert trial.model_bytes(twice) == 8 * 8 + 4 * 8 + 4 * 8
