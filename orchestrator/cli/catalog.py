@@ -39,11 +39,13 @@ def methods(fmt: Format = typer.Option(Format.table, "--format")) -> None:
     rows = []
     for name, info in sorted(registry().items()):
         rows.append({"name": name, "description": info.description,
-                     "rate": info.rate_meaning, "params": _params(info.config)})
-    flat = [dict(r, params=", ".join(f"{k}={v['default']!r}" for k, v in r["params"].items()))
+                     "rate": info.rate_meaning if info.uses_rate else None,
+                     "requires": list(info.requires), "params": _params(info.config)})
+    flat = [dict(r, params=", ".join(f"{k}={v['default']!r}" for k, v in r["params"].items()),
+                 rate=r["rate"] or "no rate", requires=", ".join(r["requires"]) or "-")
             for r in rows]
-    text = render(flat, ["name", "description", "rate", "params"], fmt, title="methods",
-                  json_payload=rows)
+    text = render(flat, ["name", "description", "rate", "requires", "params"], fmt,
+                  title="methods", json_payload=rows)
     if text is not None:
         print(text)
 

@@ -66,9 +66,15 @@ def test_gpus_this_machine_lacks_are_refused_before_anything_is_written(tmp_path
 def test_methods_json():
     rows = json.loads(cli("methods", "--format", "json").stdout)
     names = {r["name"] for r in rows}
-    assert {"drop_layers", "head_mask"} <= names
+    # The eight methods of the research workflows, the earlier head_mask, the baseline.
+    assert names >= {"s4_heads", "prune_heads", "drop_layers", "prune_ffn", "reduce_hidden",
+                     "cast", "quantize", "mamba_scan_order", "head_mask"}
     for row in rows:
         assert set(row) >= {"name", "description", "params"}
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["cast"]["rate"] is None and by_name["prune_heads"]["rate"]
+    assert by_name["head_mask"]["requires"] == ["attention_heads"]
+    assert by_name["mamba_scan_order"]["requires"] == ["state_space"]
     drop = next(r for r in rows if r["name"] == "drop_layers")
     assert drop["params"]["from"]["choices"] == ["top", "bottom", "block_influence"]
 
