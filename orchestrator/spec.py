@@ -762,13 +762,21 @@ def _model_problems(data: dict[str, Any]) -> list[tuple[tuple, str]]:
     registry = methods()
     for j, method in enumerate(data.get("methods") or []):
         info = registry.get(method.get("name")) if isinstance(method, dict) else None
-        if info is None or not info.requires:
+        if info is None:
             continue
+        try:
+            config = info.config.model_validate(method.get("params", {}))
+        except (ValidationError, TypeError):
+            config = None  # reported by the structural pass
         for i, family in families.items():
             lacks = family_lacks(family, info.requires)
             if lacks:
                 out.append((("methods", j, "name"), f"method {info.name} needs {lacks}, which "
                             f"models[{i}] ({family.name}) does not have"))
+                continue
+            problem = config.family_problem(family) if config is not None else None
+            if problem:
+                out.append((("methods", j, "params"), f"models[{i}] ({family.name}): {problem}"))
     return out
 
 

@@ -232,3 +232,20 @@ datasets: [{name: builtin:pydoc}]
     # A key written twice in one mapping is still an error.
     with pytest.raises(SpecError, match="duplicate key 'scope'"):
         spec.loads(text.replace("{<<: *shared, scope: layer}", "{scope: layer, scope: global}"))
+
+
+def test_a_method_configuration_a_family_cannot_take_is_refused_before_launch(tmp_path):
+    import tiny_models  # tests/ is on sys.path
+
+    exaone = tiny_models.BUILDERS["exaone4"](tmp_path / "exaone4")
+    pca = {"name": "reduce_hidden", "rates": [0.25], "params": {"basis": "pca"}}
+    found = problems(dict(GOOD, models=[{"id": f"local:{exaone}"}], methods=[pca]))
+    assert len(found) == 1 and "methods[0].params: models[0] (exaone4): reduce_hidden basis " \
+        "'pca' supports the families llama, qwen, not exaone4 (post-norm" in found[0]
+    channels = dict(pca, params={"basis": "channels"})
+    spec.loads(yaml.safe_dump(dict(GOOD, models=[{"id": f"local:{exaone}"}],
+                                   methods=[channels])))
+    vlm = dict(GOOD, models=[{"id": "llava-hf/llava-1.5-7b-hf", "model_type": "llava"}],
+               methods=[channels])
+    with pytest.raises(SpecError, match="does not support vision-language models"):
+        spec.loads(yaml.safe_dump(vlm), check_sources=False)

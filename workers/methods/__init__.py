@@ -33,6 +33,11 @@ class MethodConfig(BaseModel):
         checks before Ray starts that they can be read, as it does the spec's datasets."""
         return {}
 
+    def family_problem(self, family: Any) -> str | None:
+        """Why this configuration cannot handle a model of ``family`` (checked on the
+        driver before Ray starts, beyond the method's ``requires``); None when it can."""
+        return None
+
 
 class NoParams(MethodConfig):
     """Config of a method without parameters."""

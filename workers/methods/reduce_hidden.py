@@ -126,6 +126,13 @@ class ReduceHiddenConfig(MethodConfig):
     calibration_samples: int = Field(default=16, ge=1, le=4096)
     calibration_length: int = Field(default=128, ge=8)
 
+    def family_problem(self, family: Any) -> str | None:
+        try:
+            check_supported(family, self.basis)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
 
 def new_hidden_size(hidden: int, rate: float, multiple_of: int) -> int:
     """``d'``: ``(1 − rate) · hidden`` rounded to the nearest multiple of ``multiple_of``
