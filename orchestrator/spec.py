@@ -708,19 +708,10 @@ def model_families(data: dict[str, Any]) -> dict[int, Any]:
     """Model index → family adapter, for the models whose type is known on the driver:
     read from the checkpoint's config (local, built-in, llama2c, the hub cache) or, when
     that cannot be read here, as the entry declares it (``model_type``)."""
-    from workers.models import family_for_model_type, model_type_of
+    from workers.models import family_for_model_type
 
     out: dict[int, Any] = {}
-    for i, entry in enumerate(data.get("models") or []):
-        if not (isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"]):
-            continue
-        source = entry.get("source") if isinstance(entry.get("source"), str) else None
-        revision = entry.get("revision") if isinstance(entry.get("revision"), str) else None
-        declared = entry.get("model_type") if isinstance(entry.get("model_type"), str) else None
-        try:
-            found = model_type_of(entry["id"], source, revision)
-        except ValueError:
-            continue  # an unknown source: reported by the structural pass
+    for i, (found, declared) in _model_types(data).items():
         try:
             if found or declared:
                 out[i] = family_for_model_type(found or declared)
@@ -729,13 +720,11 @@ def model_families(data: dict[str, Any]) -> dict[int, Any]:
     return out
 
 
-def _model_problems(data: dict[str, Any]) -> list[tuple[tuple, str]]:
-    """Model types are supported (and as declared), and every method can handle every
-    model family (before anything reads a model)."""
-    from workers.methods import family_lacks, methods
-    from workers.models import family_for_model_type, model_type_of
+def _model_types(data: dict[str, Any]) -> dict[int, tuple[str | None, str | None]]:
+    """Model index → (model type read from its config here or None, declared model_type)."""
+    from workers.models import model_type_of
 
-    out: list[tuple[tuple, str]] = []
+    out: dict[int, tuple[str | None, str | None]] = {}
     for i, entry in enumerate(data.get("models") or []):
         if not (isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry["id"]):
             continue
@@ -743,9 +732,20 @@ def _model_problems(data: dict[str, Any]) -> list[tuple[tuple, str]]:
         revision = entry.get("revision") if isinstance(entry.get("revision"), str) else None
         declared = entry.get("model_type") if isinstance(entry.get("model_type"), str) else None
         try:
-            found = model_type_of(entry["id"], source, revision)
+            out[i] = (model_type_of(entry["id"], source, revision), declared)
         except ValueError:
-            continue
+            continue  # an unknown source: reported by the structural pass
+    return out
+
+
+def _model_problems(data: dict[str, Any]) -> list[tuple[tuple, str]]:
+    """Model types are supported (and as declared), and every method can handle every
+    model family (before anything reads a model)."""
+    from workers.methods import family_lacks, methods
+    from workers.models import family_for_model_type
+
+    out: list[tuple[tuple, str]] = []
+    for i, (found, declared) in _model_types(data).items():
         if found and declared and found != declared:
             out.append((("models", i, "model_type"), f"declared {declared!r} but the model's "
                         f"config says {found!r}; remove model_type or correct it"))

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class MethodConfig(BaseModel):
@@ -41,6 +41,17 @@ class MethodConfig(BaseModel):
 
 class NoParams(MethodConfig):
     """Config of a method without parameters."""
+
+
+class TextCalibration(MethodConfig):
+    """Calibration text of a method: ``calibration_samples`` sequences of
+    ``calibration_length`` tokens from a text dataset's split (by default the built-in
+    text's ``train`` split: never evaluation text)."""
+
+    calibration_dataset: str = "builtin:pydoc"
+    calibration_split: str | None = "train"
+    calibration_samples: int = Field(default=16, ge=1, le=4096)
+    calibration_length: int = Field(default=128, ge=8)
 
 
 @dataclass

@@ -13,20 +13,19 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
-
 from workers.data import token_stream
-from workers.methods import MethodConfig, MethodContext, MethodOutcome, register_method
+from workers.methods import (
+    MethodContext,
+    MethodOutcome,
+    TextCalibration,
+    register_method,
+)
 
 
-class HeadMaskConfig(MethodConfig):
+class HeadMaskConfig(TextCalibration):
     """Ranking scope and calibration text."""
 
     scope: Literal["global", "layer"] = "global"
-    calibration_dataset: str = "builtin:pydoc"
-    calibration_split: str | None = "train"
-    calibration_samples: int = Field(default=16, ge=1, le=4096)
-    calibration_length: int = Field(default=128, ge=8)
 
 
 def head_importance(model: Any, family: Any, batches: list[Any]) -> Any:

@@ -34,21 +34,20 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
-
-from workers.methods import MethodConfig, MethodContext, MethodOutcome, register_method
+from workers.methods import (
+    MethodContext,
+    MethodOutcome,
+    TextCalibration,
+    register_method,
+)
 from workers.methods.head_mask import calibration_batches
 from workers.methods.prune_heads import removal_count
 
 
-class PruneFFNConfig(MethodConfig):
+class PruneFFNConfig(TextCalibration):
     """How channel counts spread over layers, and calibration text."""
 
     layout: Literal["uniform", "per_layer"] = "uniform"
-    calibration_dataset: str = "builtin:pydoc"
-    calibration_split: str | None = "train"
-    calibration_samples: int = Field(default=16, ge=1, le=4096)
-    calibration_length: int = Field(default=128, ge=8)
 
 
 def channel_scores(model: Any, family: Any, batches: list[Any]) -> list[Any]:

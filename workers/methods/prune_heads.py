@@ -50,21 +50,20 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import Field
-
-from workers.methods import MethodConfig, MethodContext, MethodOutcome, register_method
+from workers.methods import (
+    MethodContext,
+    MethodOutcome,
+    TextCalibration,
+    register_method,
+)
 from workers.methods.head_mask import calibration_batches, head_importance
 
 
-class PruneHeadsConfig(MethodConfig):
+class PruneHeadsConfig(TextCalibration):
     """What a unit of removal is, how counts spread over layers, and calibration text."""
 
     groups: Literal["query_heads", "kv_groups"] = "query_heads"
     layout: Literal["uniform", "per_layer"] = "uniform"
-    calibration_dataset: str = "builtin:pydoc"
-    calibration_split: str | None = "train"
-    calibration_samples: int = Field(default=16, ge=1, le=4096)
-    calibration_length: int = Field(default=128, ge=8)
 
 
 def removal_count(rate: float, total: int, limit: int, what: str) -> int:

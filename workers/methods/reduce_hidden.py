@@ -105,7 +105,12 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from workers.methods import MethodConfig, MethodContext, MethodOutcome, register_method
+from workers.methods import (
+    MethodContext,
+    MethodOutcome,
+    TextCalibration,
+    register_method,
+)
 from workers.methods.head_mask import calibration_batches
 
 PCA_FAMILIES = ("llama", "qwen")
@@ -116,15 +121,11 @@ BASES = {"pca": PCA_FAMILIES, "channels": CHANNEL_FAMILIES}
 FINAL_NORM = "final_norm"
 
 
-class ReduceHiddenConfig(MethodConfig):
+class ReduceHiddenConfig(TextCalibration):
     """Basis, rounding of the new width, and calibration text (as ``head_mask``)."""
 
     basis: Literal["pca", "channels"] = "pca"
     multiple_of: int = Field(default=8, ge=1)
-    calibration_dataset: str = "builtin:pydoc"
-    calibration_split: str | None = "train"
-    calibration_samples: int = Field(default=16, ge=1, le=4096)
-    calibration_length: int = Field(default=128, ge=8)
 
     def family_problem(self, family: Any) -> str | None:
         try:
