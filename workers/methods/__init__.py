@@ -54,6 +54,21 @@ class TextCalibration(MethodConfig):
     calibration_length: int = Field(default=128, ge=8)
 
 
+def run_calibration(model: Any, batches: list[Any], pre_hooks: list[tuple[Any, Any]]) -> None:
+    """Forward each token batch through ``model`` without gradients, with every
+    ``(module, hook)`` forward pre-hook registered for the duration only."""
+    import torch
+
+    handles = [module.register_forward_pre_hook(hook) for module, hook in pre_hooks]
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                model(input_ids=batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @dataclass
 class MethodContext:
     """What a method may use besides the model.

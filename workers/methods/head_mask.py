@@ -19,6 +19,7 @@ from workers.methods import (
     MethodOutcome,
     TextCalibration,
     register_method,
+    run_calibration,
 )
 
 
@@ -36,7 +37,6 @@ def head_importance(model: Any, family: Any, batches: list[Any]) -> Any:
     heads, head_dim = family.num_heads(model), family.head_dim(model)
     totals = torch.zeros(len(layers), heads, dtype=torch.float64)
     counts = torch.zeros(len(layers), dtype=torch.float64)
-    handles = []
 
     def hook_for(index: int):
         def hook(_module: Any, args: tuple) -> None:
@@ -46,16 +46,8 @@ def head_importance(model: Any, family: Any, batches: list[Any]) -> Any:
             counts[index] += per_head.reshape(-1, heads).shape[0]
         return hook
 
-    for index, layer in enumerate(layers):
-        projection = family.attention_output_projection(layer)
-        handles.append(projection.register_forward_pre_hook(hook_for(index)))
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                model(input_ids=batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_calibration(model, batches, [(family.attention_output_projection(layer), hook_for(i))
+                                     for i, layer in enumerate(layers)])
     return totals / counts.clamp(min=1).unsqueeze(1)
 
 

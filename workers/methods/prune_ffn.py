@@ -39,6 +39,7 @@ from workers.methods import (
     MethodOutcome,
     TextCalibration,
     register_method,
+    run_calibration,
 )
 from workers.methods.head_mask import calibration_batches
 from workers.methods.prune_heads import removal_count
@@ -59,7 +60,6 @@ def channel_scores(model: Any, family: Any, batches: list[Any]) -> list[Any]:
     downs = [family.mlp_projections(layer)["down"] for layer in layers]
     totals = [torch.zeros(down.in_features, dtype=torch.float64) for down in downs]
     tokens = [0] * len(layers)
-    handles = []
 
     def hook_for(index: int):
         def hook(_module: Any, args: tuple) -> None:
@@ -69,15 +69,7 @@ def channel_scores(model: Any, family: Any, batches: list[Any]) -> list[Any]:
             tokens[index] += flat.shape[0]
         return hook
 
-    for index, down in enumerate(downs):
-        handles.append(down.register_forward_pre_hook(hook_for(index)))
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                model(input_ids=batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_calibration(model, batches, [(down, hook_for(i)) for i, down in enumerate(downs)])
     return [(total / max(count, 1)) * down.weight.detach().to(torch.float64).norm(dim=0).cpu()
             for total, count, down in zip(totals, tokens, downs, strict=True)]
 

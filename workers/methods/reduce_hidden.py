@@ -110,6 +110,7 @@ from workers.methods import (
     MethodOutcome,
     TextCalibration,
     register_method,
+    run_calibration,
 )
 from workers.methods.head_mask import calibration_batches
 
@@ -304,7 +305,6 @@ def residual_statistics(model: Any, family: Any, batches: list[Any],
     energies = {(role, name): torch.zeros(hidden, dtype=torch.float64)
                 for role, sites in (("stream", streams), ("norm", norms)) for name in sites}
     counts = dict.fromkeys(energies, 0)
-    handles = []
 
     def hook_for(role: str, name: str) -> Callable[..., None]:
         def hook(_module: Any, args: tuple) -> None:
@@ -316,16 +316,9 @@ def residual_statistics(model: Any, family: Any, batches: list[Any],
                 moments[name] += (unit.T @ unit).double().cpu()
         return hook
 
-    for role, sites in (("stream", streams), ("norm", norms)):
-        for name, module in sites.items():
-            handles.append(module.register_forward_pre_hook(hook_for(role, name)))
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                model(input_ids=batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_calibration(model, batches, [(module, hook_for(role, name))
+                                     for role, sites in (("stream", streams), ("norm", norms))
+                                     for name, module in sites.items()])
     if min(counts.values()) == 0:
         raise ValueError("the calibration forward pass did not reach every hidden-state site")
     return HiddenStatistics(
