@@ -102,6 +102,20 @@ def build_llama(directory: Path, seed: int = 0, layers: int = 4) -> Path:
     return _save(LlamaForCausalLM(config), tokenizer, directory)
 
 
+def build_mistral(directory: Path, seed: int = 0) -> Path:
+    """Mistral: the Llama layout with a sliding window, 3 layers, GQA 4/2, hidden 32."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tokenizer = byte_tokenizer()
+    config = MistralConfig(vocab_size=_vocab_size(tokenizer), hidden_size=32,
+                           intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=128, sliding_window=16,
+                           tie_word_embeddings=False, **_special_ids(tokenizer))
+    torch.manual_seed(seed)
+    return _save(MistralForCausalLM(config), tokenizer, directory)
+
+
 def build_qwen2(directory: Path, seed: int = 0) -> Path:
     """Qwen2: biases on q/k/v, 3 layers, 4 query heads sharing 2 KV heads."""
     import torch
@@ -263,13 +277,14 @@ def build_qwen2_5_vl(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-TEXT_MODEL_TYPES = ("llama", "qwen2", "qwen3", "exaone4", "mamba")
+TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "exaone4", "mamba")
 VISION_LANGUAGE_MODEL_TYPES = ("llava", "qwen2_5_vl")
 ALL_MODEL_TYPES = TEXT_MODEL_TYPES + VISION_LANGUAGE_MODEL_TYPES
 ATTENTION_MODEL_TYPES = tuple(t for t in ALL_MODEL_TYPES if t != "mamba")
 
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "llama": build_llama,
+    "mistral": build_mistral,
     "qwen2": build_qwen2,
     "qwen3": build_qwen3,
     "exaone4": build_exaone4,

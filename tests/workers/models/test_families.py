@@ -32,8 +32,9 @@ TEXT = "The quick brown fox jumps over the lazy dog, then naps in the warm after
 CALIBRATION = ["Calibration text about attention heads and layers. " * 6,
                "A second calibration document, with different words in it. " * 6]
 
-EXPECTED_FAMILY = {"llama": "llama", "qwen2": "qwen", "qwen3": "qwen", "exaone4": "exaone4",
-                   "mamba": "mamba", "llava": "llava", "qwen2_5_vl": "qwen2_5_vl"}
+EXPECTED_FAMILY = {"llama": "llama", "mistral": "llama", "qwen2": "qwen", "qwen3": "qwen",
+                   "exaone4": "exaone4", "mamba": "mamba", "llava": "llava",
+                   "qwen2_5_vl": "qwen2_5_vl"}
 
 
 def probe_ids(loaded, text: str = TEXT) -> torch.Tensor:
