@@ -742,7 +742,7 @@ def _model_problems(data: dict[str, Any]) -> list[tuple[tuple, str]]:
     """Model types are supported (and as declared), and every method can handle every
     model family (before anything reads a model)."""
     from workers.methods import family_lacks, methods
-    from workers.models import family_for_model_type
+    from workers.models import family_for_model_type, model_config_of
 
     out: list[tuple[tuple, str]] = []
     for i, (found, declared) in _model_types(data).items():
@@ -759,6 +759,8 @@ def _model_problems(data: dict[str, Any]) -> list[tuple[tuple, str]]:
             where = ("models", i, "id") if found else ("models", i, "model_type")
             out.append((where, str(exc)))
     families = model_families(data)
+    model_configs = {i: model_config_of(entry["id"], entry.get("source"), entry.get("revision"))
+                     for i, entry in enumerate(data.get("models") or []) if i in families}
     registry = methods()
     for j, method in enumerate(data.get("methods") or []):
         info = registry.get(method.get("name")) if isinstance(method, dict) else None
@@ -774,7 +776,8 @@ def _model_problems(data: dict[str, Any]) -> list[tuple[tuple, str]]:
                 out.append((("methods", j, "name"), f"method {info.name} needs {lacks}, which "
                             f"models[{i}] ({family.name}) does not have"))
                 continue
-            problem = config.family_problem(family) if config is not None else None
+            problem = (config.family_problem(family, model_configs.get(i))
+                       if config is not None else None)
             if problem:
                 out.append((("methods", j, "params"), f"models[{i}] ({family.name}): {problem}"))
     return out

@@ -249,3 +249,23 @@ def test_a_method_configuration_a_family_cannot_take_is_refused_before_launch(tm
                methods=[channels])
     with pytest.raises(SpecError, match="does not support vision-language models"):
         spec.loads(yaml.safe_dump(vlm), check_sources=False)
+
+
+def test_query_head_pruning_needs_grouped_query_attention(tmp_path):
+    mha = tmp_path / "mha"
+    mha.mkdir()
+    (mha / "config.json").write_text('{"model_type": "llama", "num_attention_heads": 4, '
+                                     '"num_key_value_heads": 4}')
+    method = {"name": "prune_heads", "rates": [0.5], "params": {"groups": "query_heads"}}
+    found = problems(dict(GOOD, models=[{"id": str(mha)}], methods=[method]))
+    assert len(found) == 1 and "methods[0].params: models[0] (llama): groups query_heads" \
+        in found[0] and "use groups: kv_groups" in found[0]
+    kv = dict(method, params={"groups": "kv_groups"})
+    spec.loads(yaml.safe_dump(dict(GOOD, models=[{"id": str(mha)}], methods=[kv])),
+               check_sources=False)
+    gqa = tmp_path / "gqa"
+    gqa.mkdir()
+    (gqa / "config.json").write_text('{"model_type": "llava", "text_config": '
+                                     '{"num_attention_heads": 8, "num_key_value_heads": 2}}')
+    spec.loads(yaml.safe_dump(dict(GOOD, models=[{"id": str(gqa)}], methods=[method])),
+               check_sources=False)

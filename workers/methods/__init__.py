@@ -33,9 +33,11 @@ class MethodConfig(BaseModel):
         checks before Ray starts that they can be read, as it does the spec's datasets."""
         return {}
 
-    def family_problem(self, family: Any) -> str | None:
-        """Why this configuration cannot handle a model of ``family`` (checked on the
-        driver before Ray starts, beyond the method's ``requires``); None when it can."""
+    def family_problem(self, family: Any, model_config: Mapping[str, Any] | None = None
+                       ) -> str | None:
+        """Why this configuration cannot handle a model of ``family`` whose
+        ``config.json`` is ``model_config`` (None when it cannot be read on the driver):
+        checked before Ray starts, beyond the method's ``requires``; None when it can."""
         return None
 
 

@@ -65,6 +65,17 @@ class PruneHeadsConfig(TextCalibration):
     groups: Literal["query_heads", "kv_groups"] = "query_heads"
     layout: Literal["uniform", "per_layer"] = "uniform"
 
+    def family_problem(self, family: Any, model_config: Any = None) -> str | None:
+        if self.groups != "query_heads" or not model_config:
+            return None
+        text = model_config.get("text_config") or model_config
+        heads = text.get("num_attention_heads")
+        kv_heads = text.get("num_key_value_heads") or heads
+        if isinstance(heads, int) and heads == kv_heads:
+            return (f"groups query_heads removes query heads within KV groups, but this model "
+                    f"has one query head per KV head ({heads} of each); use groups: kv_groups")
+        return None
+
 
 def removal_count(rate: float, total: int, limit: int, what: str) -> int:
     """Units to remove at ``rate`` of ``total``: ``⌊rate · total + ½⌋``, at least one when

@@ -128,7 +128,7 @@ class ReduceHiddenConfig(TextCalibration):
     basis: Literal["pca", "channels"] = "pca"
     multiple_of: int = Field(default=8, ge=1)
 
-    def family_problem(self, family: Any) -> str | None:
+    def family_problem(self, family: Any, model_config: Any = None) -> str | None:
         try:
             check_supported(family, self.basis)
         except ValueError as exc:

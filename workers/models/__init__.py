@@ -455,11 +455,23 @@ def model_type_of(model_id: str, source: str | None = None,
                   revision: str | None = None) -> str | None:
     """The ``config.model_type`` of a model, read without loading it (no torch import);
     None when it cannot be known here (a hub id not in the local cache)."""
+    model_id = qualified_id(model_id, source)
+    if model_id.startswith(("builtin:", "llama2c:")):
+        return "llama"
+    config = model_config_of(model_id, None, revision)
+    value = None if config is None else config.get("model_type")
+    return value if isinstance(value, str) else None
+
+
+def model_config_of(model_id: str, source: str | None = None,
+                    revision: str | None = None) -> dict[str, Any] | None:
+    """The checkpoint's ``config.json`` as a dict, read without loading the model (local
+    directories and the hub cache); None when it cannot be read here."""
     import json
 
     model_id = qualified_id(model_id, source)
     if model_id.startswith(("builtin:", "llama2c:")):
-        return "llama"
+        return None
     config_path: str | Path | None = None
     plain = model_id.split(":", 1)[1] if model_id.startswith(("hub:", "local:")) else model_id
     path = Path(plain).expanduser()
@@ -477,10 +489,10 @@ def model_type_of(model_id: str, source: str | None = None,
     if config_path is None:
         return None
     try:
-        value = json.loads(Path(config_path).read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
+        config = json.loads(Path(config_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
-    return value if isinstance(value, str) else None
+    return config if isinstance(config, dict) else None
 
 
 def load_model(model_id: str, dtype: str | None = None, device: str = "cpu",
