@@ -704,14 +704,16 @@ def _duplicate_problems(data: dict[str, Any], section: str, field: str) -> list[
     return out
 
 
-def model_families(data: dict[str, Any]) -> dict[int, Any]:
+def model_families(data: dict[str, Any],
+                   types: dict[int, tuple[str | None, str | None]] | None = None
+                   ) -> dict[int, Any]:
     """Model index → family adapter, for the models whose type is known on the driver:
     read from the checkpoint's config (local, built-in, llama2c, the hub cache) or, when
     that cannot be read here, as the entry declares it (``model_type``)."""
     from workers.models import family_for_model_type
 
     out: dict[int, Any] = {}
-    for i, (found, declared) in _model_types(data).items():
+    for i, (found, declared) in (_model_types(data) if types is None else types).items():
         try:
             if found or declared:
                 out[i] = family_for_model_type(found or declared)
@@ -745,7 +747,8 @@ def _model_problems(data: dict[str, Any]) -> list[tuple[tuple, str]]:
     from workers.models import family_for_model_type, model_config_of
 
     out: list[tuple[tuple, str]] = []
-    for i, (found, declared) in _model_types(data).items():
+    types = _model_types(data)
+    for i, (found, declared) in types.items():
         if found and declared and found != declared:
             out.append((("models", i, "model_type"), f"declared {declared!r} but the model's "
                         f"config says {found!r}; remove model_type or correct it"))
@@ -758,7 +761,7 @@ def _model_problems(data: dict[str, Any]) -> list[tuple[tuple, str]]:
         except ValueError as exc:
             where = ("models", i, "id") if found else ("models", i, "model_type")
             out.append((where, str(exc)))
-    families = model_families(data)
+    families = model_families(data, types)
     model_configs = {i: model_config_of(entry["id"], entry.get("source"), entry.get("revision"))
                      for i, entry in enumerate(data.get("models") or []) if i in families}
     registry = methods()
@@ -786,7 +789,7 @@ def _model_problems(data: dict[str, Any]) -> list[tuple[tuple, str]]:
 def _source_problems(data: dict[str, Any]) -> list[tuple[tuple, str]]:
     """Models and datasets must exist, and each evaluator must be able to score each
     model × dataset pair, before anything is scheduled."""
-    from workers.data import check_dataset, load_dataset, resolve
+    from workers.data import check_dataset
     from workers.evaluators import evaluators
     from workers.methods import methods
     from workers.models import check_model_id
@@ -830,9 +833,7 @@ def _source_problems(data: dict[str, Any]) -> list[tuple[tuple, str]]:
         if not check.ok:
             out.append((("datasets", i, "name"), check.message))
             continue
-        # Local files were just read in full; hub datasets are not read on the driver.
-        images = (load_dataset(entry).has_images if resolve(entry).source == "local"
-                  else None)
+        images = check.has_images  # None for hub datasets: not read on the driver
         metrics = entry.get("metrics") or default_metrics
         for name in metrics if isinstance(metrics, list) else []:
             info = known.get(name) if isinstance(name, str) else None

@@ -227,6 +227,8 @@ def dataset_kind(entry: Mapping[str, Any]) -> str:
 class DatasetCheck:
     ok: bool
     message: str = ""
+    # Whether the samples have images, when the check read them (local files); else None.
+    has_images: bool | None = None
 
 
 def check_dataset(entry: Mapping[str, Any] | str, split: str | None = None) -> DatasetCheck:
@@ -238,22 +240,24 @@ def check_dataset(entry: Mapping[str, Any] | str, split: str | None = None) -> D
     """
     if isinstance(entry, str):
         entry = {"name": entry, "split": split}
+    has_images: bool | None = None
     try:
         request = resolve(entry)
         if request.source == "builtin":
             _check_builtin(request)
+            has_images = False
         elif request.source == "local":
             from workers.data.records import check_local_file
 
             check_local_file(request)
-            load_dataset(entry)
+            has_images = load_dataset(entry).has_images
         else:
             from workers.data.records import check_hub_dataset
 
             check_hub_dataset(request)
     except DatasetError as exc:
         return DatasetCheck(False, str(exc))
-    return DatasetCheck(True)
+    return DatasetCheck(True, has_images=has_images)
 
 
 def _check_builtin(request: DatasetRequest) -> None:

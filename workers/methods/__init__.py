@@ -56,12 +56,16 @@ class TextCalibration(MethodConfig):
     calibration_length: int = Field(default=128, ge=8)
 
 
-def run_calibration(model: Any, batches: list[Any], pre_hooks: list[tuple[Any, Any]]) -> None:
+def run_calibration(model: Any, batches: list[Any], pre_hooks: list[tuple[Any, Any]] = (),
+                    forward_hooks: list[tuple[Any, Any]] = ()) -> None:
     """Forward each token batch through ``model`` without gradients, with every
-    ``(module, hook)`` forward pre-hook registered for the duration only."""
+    ``(module, hook)`` forward pre-hook, and forward hook (called with the module's
+    keyword arguments too), registered for the duration only."""
     import torch
 
     handles = [module.register_forward_pre_hook(hook) for module, hook in pre_hooks]
+    handles += [module.register_forward_hook(hook, with_kwargs=True)
+                for module, hook in forward_hooks]
     try:
         with torch.inference_mode():
             for batch in batches:

@@ -26,7 +26,13 @@ from typing import Any, Literal
 
 from pydantic import Field, model_serializer, model_validator
 
-from workers.methods import MethodConfig, MethodContext, MethodOutcome, register_method
+from workers.methods import (
+    MethodConfig,
+    MethodContext,
+    MethodOutcome,
+    register_method,
+    run_calibration,
+)
 from workers.methods.head_mask import HeadMaskConfig, calibration_batches
 
 CALIBRATION_FIELDS = ("calibration_dataset", "calibration_split", "calibration_samples",
@@ -110,15 +116,8 @@ def block_influence(model: Any, family: Any, batches: list[Any]) -> list[float]:
             counts[index] += cos.numel()
         return hook
 
-    handles = [layer.register_forward_hook(hook_for(i), with_kwargs=True)
-               for i, layer in enumerate(layers)]
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                model(input_ids=batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_calibration(model, batches,
+                    forward_hooks=[(layer, hook_for(i)) for i, layer in enumerate(layers)])
     if not all(counts):
         missing = [i for i, c in enumerate(counts) if not c]
         raise RuntimeError(f"decoder layers {missing} were not called in the forward pass")
