@@ -8,16 +8,19 @@ without re-running them.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Float, Row, Select, and_, case, func, literal, select, union_all
+from sqlalchemy import Float, Row, Select, and_, case, func, literal, or_, select, union_all
 from sqlalchemy.orm import Session, aliased
 
 from orchestrator.db.models import TRIAL_STATUSES, Environment, Metric, Sweep, Trial
 from orchestrator.errors import BadInput, did_you_mean
 
 SPEED_METRIC = "decode_ms_per_token"
+# Its interquartile range over the timed repeats: the timing noise of SPEED_METRIC.
+SPEED_NOISE_METRIC = "decode_ms_per_token_iqr"
 DEFAULT_QUALITY_METRIC = "perplexity"
 DEFAULT_WEIGHT = 0.5
 # Columns the leaderboard computes; all are higher-is-better.
@@ -121,6 +124,13 @@ def sweep_status(session: Session, sweep: str | None = None) -> list[dict[str, A
     ]
 
 
+def hardware_dependent_metrics() -> frozenset[str]:
+    """Metrics whose values depend on the hardware: those of the ``speed`` evaluator."""
+    from workers.evaluators import evaluators
+
+    return frozenset(evaluators()["speed"].metrics)
+
+
 def _score_settings(spec: dict[str, Any] | None) -> tuple[str, float]:
     score = (spec or {}).get("score") or {}
     quality = score.get("quality_metric") or DEFAULT_QUALITY_METRIC
@@ -164,18 +174,36 @@ def leaderboard(
     sweep: str | None = None,
     include_failed: bool = False,
     limit: int | None = None,
+    *,
+    model: str | None = None,
+    method: str | None = None,
+    dataset: str | None = None,
 ) -> list[dict[str, Any]]:
     """One row per finished trial (failed ones only with ``include_failed``), best first.
 
     ``metric`` is ``score`` (default), ``perf_norm``, ``speed_norm`` or any stored metric
-    name; rows lacking it go last, and ties keep the grid order (sweep, position). Stored
-    metrics sort by the direction most of the listed rows store for them (higher if none
-    is stored). ``limit`` keeps only the first ``limit`` rows of that order; they are ranked
-    in the database and only they are built, so ``--top 20`` stays fast over many results.
+    name. Only finished (``done``) trials rank: finished rows lacking the metric follow
+    them, then, with ``include_failed``, the failed and timed-out trials (including those
+    whose evaluation was invalid), each group in grid order (sweep, position). Ties keep
+    the grid order too. Stored metrics sort by the direction most of the finished rows
+    store for them (higher if none is stored). ``limit`` keeps only the first ``limit``
+    rows of that order; they are ranked in the database and only they are built, so
+    ``--top 20`` stays fast over many results.
+
+    ``model``, ``dataset`` and ``method`` keep only the trials with that model id, dataset
+    name or method name; the baselines of the kept models and datasets stay with a method
+    filter, as the reference the other rows are measured against.
+
     Row keys: ``sweep``, ``model``, ``method``, ``rate``, ``dataset``,
-    ``params``, ``position``, ``trial_key``, ``status``, ``is_baseline``, ``error_type``,
-    ``score``, ``perf_norm``, ``speed_norm``, ``metrics`` ({name: value}) and
-    ``directions`` ({name: direction}).
+    ``params``, ``position``, ``trial_key``, ``status``, ``failure_reason``,
+    ``is_baseline``, ``error_type``, ``score``, ``perf_norm``, ``speed_norm``,
+    ``speed_norm_noise`` (the spread of ``speed_norm`` its own timing noise explains:
+    ``decode_ms_per_token_iqr`` over the baseline's time per token), ``metrics`` ({name:
+    value}), ``directions`` ({name: direction}), ``quality_metric`` (the sweep's), and the
+    change against the baseline: ``delta_metric`` (``metric`` when it is stored, else the
+    quality metric), ``baseline_value``, ``delta`` (value − baseline value) and
+    ``delta_pct`` (``100·delta/|baseline value|``). A hardware-dependent metric (one of
+    the ``speed`` evaluator's) has no delta against a baseline measured on other hardware.
 
     A trial's baseline is the finished ``is_baseline`` trial of the same sweep, model and
     dataset. PerfNorm uses the sweep spec's ``score.quality_metric`` (default perplexity)
@@ -193,16 +221,37 @@ def leaderboard(
         _check_metric(session, metric, sweep_ids)
     if not sweeps:
         return []
+    chosen = _Filters(model, method, dataset)
     baselines = _baselines(session, sweep_ids)
     if metric in COMPUTED_METRICS:
-        order = _rank_computed(session, metric, sweeps, baselines, limit)
+        order = _rank_computed(session, metric, sweeps, baselines, limit, chosen)
     else:
-        higher = _higher_is_better(session, metric, sweep_ids, shown)
-        order = _rank_stored(session, metric, sweep_ids, shown, higher, limit)
+        higher = _higher_is_better(session, metric, sweep_ids, ("done",))
+        order = _rank_stored(session, metric, sweep_ids, higher, limit, chosen)
     if limit is None or len(order) < limit:
         missing = None if limit is None else limit - len(order)
-        order += _unranked(session, sweep_ids, shown, set(order), missing)
-    return _rows(session, by_id, shown, baselines, order)
+        order += _unranked(session, sweep_ids, shown, set(order), missing, chosen)
+    return _rows(session, by_id, shown, baselines, order, metric)
+
+
+@dataclass(frozen=True)
+class _Filters:
+    """The ``model`` / ``method`` / ``dataset`` filters of a leaderboard."""
+
+    model: str | None = None
+    method: str | None = None
+    dataset: str | None = None
+
+    def on(self, trial: Any) -> list[Any]:
+        """SQL conditions on ``trial`` (the Trial class or an alias of it)."""
+        conditions = []
+        if self.model is not None:
+            conditions.append(trial.model == self.model)
+        if self.dataset is not None:
+            conditions.append(trial.dataset == self.dataset)
+        if self.method is not None:
+            conditions.append(or_(trial.method == self.method, trial.is_baseline))
+        return conditions
 
 
 # The leaderboard ranks in SQL and builds rows only for the trials it returns: loading every
@@ -284,16 +333,16 @@ def _higher_is_better(
 
 
 def _rank_stored(
-    session: Session, metric: str, sweep_ids: list[int], shown: tuple[str, ...],
-    higher: bool, limit: int | None,
+    session: Session, metric: str, sweep_ids: list[int], higher: bool, limit: int | None,
+    chosen: _Filters,
 ) -> list[int]:
-    """Ids of the listed trials with a value of ``metric``, best first."""
+    """Ids of the finished trials with a value of ``metric``, best first."""
     best_first = Metric.value.desc() if higher else Metric.value.asc()
     query = (
         select(Trial.id)
         .join(Metric, and_(Metric.trial_id == Trial.id, Metric.name == metric))
-        .where(Trial.sweep_id.in_(sweep_ids), Trial.status.in_(shown),
-               Metric.value.is_not(None))
+        .where(Trial.sweep_id.in_(sweep_ids), Trial.status == "done",
+               Metric.value.is_not(None), *chosen.on(Trial))
         .order_by(best_first, *_GRID_ORDER)
         .limit(limit)
     )
@@ -302,7 +351,7 @@ def _rank_stored(
 
 def _rank_computed(
     session: Session, metric: str, sweeps: list[Sweep],
-    baselines: dict[tuple[int, str, str], Row], limit: int | None,
+    baselines: dict[tuple[int, str, str], Row], limit: int | None, chosen: _Filters,
 ) -> list[int]:
     """Ids of the finished trials with a value of the computed ``metric``, best first."""
     # One query part per (quality metric, weight) of the sweeps' specs, so that the metric
@@ -314,7 +363,7 @@ def _rank_computed(
     for (quality, weight), sweep_ids in groups.items():
         base_ids = [b.id for (sweep_id, _, _), b in baselines.items() if sweep_id in sweep_ids]
         if base_ids:
-            parts.append(_computed_values(metric, quality, weight, base_ids))
+            parts.append(_computed_values(metric, quality, weight, base_ids, chosen))
     if not parts:
         return []
     ranked = (parts[0] if len(parts) == 1 else union_all(*parts)).subquery("ranked")
@@ -332,7 +381,8 @@ def _nonzero(value: Any) -> Any:
     return func.nullif(value, 0.0, type_=Float)
 
 
-def _computed_values(metric: str, quality: str, weight: float, base_ids: list[int]) -> Select:
+def _computed_values(metric: str, quality: str, weight: float, base_ids: list[int],
+                     chosen: _Filters) -> Select:
     """``(id, sweep_id, position, value)`` of every finished trial with a baseline among
     ``base_ids`` and a value of ``metric`` (score, perf_norm or speed_norm).
 
@@ -357,7 +407,7 @@ def _computed_values(metric: str, quality: str, weight: float, base_ids: list[in
     )
     query = select(t.id, t.sweep_id, t.position).select_from(base).join(t, and_(
         t.sweep_id == base.c.sweep_id, t.status == "done",
-        t.model == base.c.model, t.dataset == base.c.dataset,
+        t.model == base.c.model, t.dataset == base.c.dataset, *chosen.on(t),
     ))
     # Only the metrics the value needs are joined: each join is a lookup per trial.
     if metric != "speed_norm":
@@ -392,13 +442,14 @@ def _computed_values(metric: str, quality: str, weight: float, base_ids: list[in
 
 def _unranked(
     session: Session, sweep_ids: list[int], shown: tuple[str, ...], ranked: set[int],
-    count: int | None,
+    count: int | None, chosen: _Filters,
 ) -> list[int]:
-    """The first ``count`` (all if None) listed trials outside ``ranked``, in grid order."""
+    """The first ``count`` (all if None) listed trials outside ``ranked``: the finished
+    ones, then the others, each in grid order."""
     query = (
         select(Trial.id)
-        .where(Trial.sweep_id.in_(sweep_ids), Trial.status.in_(shown))
-        .order_by(*_GRID_ORDER)
+        .where(Trial.sweep_id.in_(sweep_ids), Trial.status.in_(shown), *chosen.on(Trial))
+        .order_by(case((Trial.status == "done", 0), else_=1), *_GRID_ORDER)
         # At most len(ranked) of the first count + len(ranked) rows are ranked ones.
         .limit(None if count is None else count + len(ranked))
     )
@@ -407,7 +458,7 @@ def _unranked(
 
 def _rows(
     session: Session, by_id: dict[int, Sweep], shown: tuple[str, ...],
-    baselines: dict[tuple[int, str, str], Row], order: list[int],
+    baselines: dict[tuple[int, str, str], Row], order: list[int], metric: str,
 ) -> list[dict[str, Any]]:
     """The leaderboard rows of the trials ``order`` names, in that order."""
     trial_query = (
@@ -423,6 +474,7 @@ def _rows(
             Trial.params,
             Trial.is_baseline,
             Trial.status,
+            Trial.failure_reason,
             Trial.error_type,
             Environment.hardware_fingerprint,
         )
@@ -449,24 +501,36 @@ def _rows(
         values[trial_id][name] = value
         directions[trial_id][name] = direction
 
+    hardware_bound = hardware_dependent_metrics()
     built: dict[int, dict[str, Any]] = {}
     for t in trials:
-        perf = speed = total = None
+        perf = speed = total = noise = None
+        quality_metric, weight = _score_settings(by_id[t.sweep_id].spec)
+        delta_metric = quality_metric if metric in COMPUTED_METRICS else metric
         base = baselines.get((t.sweep_id, t.model, t.dataset))
+        same_hardware = base is not None and t.hardware_fingerprint is not None and (
+            t.hardware_fingerprint == base.hardware_fingerprint)
+        base_value = delta = delta_pct = None
+        if t.status == "done" and base is not None and (
+                same_hardware or delta_metric not in hardware_bound):
+            base_value = values[base.id].get(delta_metric)
+            value = values[t.id].get(delta_metric)
+            if value is not None and base_value is not None:
+                delta = value - base_value
+                delta_pct = 100.0 * delta / abs(base_value) if base_value != 0 else None
         if t.status == "done" and base is not None:
-            quality_metric, weight = _score_settings(by_id[t.sweep_id].spec)
             direction = directions[t.id].get(quality_metric) or directions[base.id].get(
                 quality_metric
             )
             perf = perf_norm(
                 values[t.id].get(quality_metric), values[base.id].get(quality_metric), direction
             )
-            if t.hardware_fingerprint is not None and (
-                t.hardware_fingerprint == base.hardware_fingerprint
-            ):
+            if same_hardware:
                 speed = speed_norm(
                     values[t.id].get(SPEED_METRIC), values[base.id].get(SPEED_METRIC)
                 )
+                noise = _ratio(values[t.id].get(SPEED_NOISE_METRIC),
+                               values[base.id].get(SPEED_METRIC))
             total = score(perf, speed, weight)
         built[t.id] = {
             "sweep": by_id[t.sweep_id].name,
@@ -478,13 +542,20 @@ def _rows(
             "position": t.position,
             "trial_key": t.trial_key,
             "status": t.status,
+            "failure_reason": t.failure_reason,
             "is_baseline": t.is_baseline,
             "error_type": t.error_type,
             "score": total,
             "perf_norm": perf,
             "speed_norm": speed,
+            "speed_norm_noise": noise,
             "metrics": dict(values[t.id]),
             "directions": dict(directions[t.id]),
+            "quality_metric": quality_metric,
+            "delta_metric": delta_metric,
+            "baseline_value": base_value,
+            "delta": delta,
+            "delta_pct": delta_pct,
         }
     return [built[i] for i in order]
 

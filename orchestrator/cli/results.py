@@ -42,45 +42,104 @@ def status(
 
 def leaderboard(
     ctx: typer.Context,
-    metric: str = typer.Option("score", "--metric", help="score or any stored metric."),
+    metric: str = typer.Option("score", "--metric", help="score, perf_norm, speed_norm or any "
+                               "stored metric; ranked best first in its direction."),
     sweep: str = typer.Option(None, "--sweep", help="Only this sweep."),
+    model: str = typer.Option(None, "--model", help="Only this model id."),
+    method: str = typer.Option(None, "--method", help="Only this method (its baselines stay)."),
+    dataset: str = typer.Option(None, "--dataset", help="Only this dataset name."),
     top: int = typer.Option(None, "--top", min=1, help="Only the best N rows."),
-    include_failed: bool = typer.Option(False, "--all", help="Also failed trials."),
+    include_failed: bool = typer.Option(False, "--all", help="Also failed, invalid and "
+                                        "timed-out trials, unranked, with their status."),
     fmt: Format = typer.Option(Format.table, "--format"),
 ) -> None:
-    """Trials ranked by a metric, best first (direction-aware); the baseline is included."""
+    """Trials ranked by a metric, best first (direction-aware); the baseline is marked."""
     print_leaderboard(ctx.obj["db"], metric=metric, sweep=sweep, fmt=fmt, top=top,
-                      include_failed=include_failed)
+                      include_failed=include_failed, model=model, method=method,
+                      dataset=dataset)
+
+
+def leaderboard_table(rows: list[dict], metric: str, *, include_failed: bool = False,
+                      fmt: Format = Format.table) -> tuple[list[dict], list[str], dict[str, str]]:
+    """Flat rows, columns and headings of a leaderboard (for ``sweep leaderboard`` and
+    ``sweep report``).
+
+    The ranked metric comes first, then its change against the baseline (for ``score``,
+    the change of the sweep's quality metric), PerfNorm, SpeedNorm with its timing noise,
+    the time per token, parameters and size. Failed rows have no rank.
+    """
+    from orchestrator.queries import COMPUTED_METRICS, SPEED_METRIC
+
+    qualities = {row["quality_metric"] for row in rows}
+    quality = qualities.pop() if len(qualities) == 1 else "quality"
+    compared = quality if metric in COMPUTED_METRICS else metric
+    flat = []
+    rank = 0
+    for row in rows:
+        ranked = row["status"] == "done" and (
+            row[metric] if metric in COMPUTED_METRICS else row["metrics"].get(metric)
+        ) is not None
+        rank += ranked
+        quality_value = row["metrics"].get(row["quality_metric"])
+        flat.append({
+            "rank": rank if ranked else None, "sweep": row["sweep"], "model": row["model"],
+            "method": row["method"] + (" (baseline)" if row["is_baseline"] else ""),
+            "rate": row["rate"], "dataset": row["dataset"],
+            "score": row["score"], "perf_norm": row["perf_norm"],
+            "speed_norm": row["speed_norm"], "speed_noise": row["speed_norm_noise"],
+            "quality": quality_value, metric: row[metric] if metric in COMPUTED_METRICS
+            else row["metrics"].get(metric),
+            "delta": row["delta"], "delta_pct": row["delta_pct"],
+            SPEED_METRIC: row["metrics"].get(SPEED_METRIC),
+            "params": row["metrics"].get("params"), "size_mb": row["metrics"].get("size_mb"),
+            "status": row["status"] if row["failure_reason"] is None
+            else f"{row['status']} ({row['failure_reason']})",
+            "trial_key": row["trial_key"][:12],
+        })
+    headers = {"delta": f"Δ {compared}", "delta_pct": "Δ %", "speed_noise": "± speed_norm",
+               "quality": quality, SPEED_METRIC: "ms/token", "size_mb": "size MB"}
+    if metric == "score":
+        columns = ["rank", "model", "method", "rate", "dataset", "score", "perf_norm",
+                   "speed_norm", "speed_noise", "quality", "delta", "delta_pct", SPEED_METRIC,
+                   "params", "size_mb"]
+    elif metric in COMPUTED_METRICS:
+        columns = ["rank", "model", "method", "rate", "dataset", metric, "score", "quality",
+                   "delta", "delta_pct", SPEED_METRIC, "params", "size_mb"]
+    else:
+        columns = ["rank", "model", "method", "rate", "dataset", metric, "delta", "delta_pct",
+                   "perf_norm", "speed_norm", "params", "size_mb"]
+    if include_failed:
+        columns.append("status")
+    columns.append("trial_key")
+    if fmt is Format.csv:  # a file for other tools: every sweep named, headings as keys
+        columns[1:1] = ["sweep"]
+        columns.insert(columns.index("quality") + 1 if "quality" in columns else len(columns),
+                       "quality_metric")
+        for item, row in zip(flat, rows, strict=True):
+            item["quality_metric"] = row["quality_metric"]
+        headers = {}
+    # Keep one column per key (the ranked metric may be one of the fixed ones).
+    return flat, list(dict.fromkeys(columns)), headers
 
 
 def print_leaderboard(db_url: str, *, metric: str, sweep: str | None, fmt: Format,
-                      top: int | None, include_failed: bool) -> None:
+                      top: int | None, include_failed: bool, model: str | None = None,
+                      method: str | None = None, dataset: str | None = None) -> None:
     """Query and print a leaderboard (shared by ``leaderboard`` and ``launch``)."""
     from orchestrator import queries
 
     with read_session(db_url) as session:
         # The database ranks; only the best `top` rows are read and built.
         rows = queries.leaderboard(session, metric=metric, sweep=sweep,
-                                   include_failed=include_failed, limit=top)
-    shown = ["perplexity", "decode_ms_per_token", "params"]
-    if metric != "score" and metric not in shown:
-        shown.insert(0, metric)
-    flat = []
-    for rank, row in enumerate(rows, start=1):
-        flat.append({"rank": rank, "sweep": row["sweep"], "model": row["model"],
-                     "method": row["method"] + (" (baseline)" if row["is_baseline"] else ""),
-                     "rate": row["rate"], "dataset": row["dataset"], "score": row["score"],
-                     "perf_norm": row.get("perf_norm"), "speed_norm": row.get("speed_norm"),
-                     "status": row.get("status"), "trial_key": row["trial_key"][:12],
-                     **{m: row["metrics"].get(m) for m in shown}})
-    columns = ["rank", "model", "method", "rate", "dataset", "score", *shown, "trial_key"]
-    if include_failed:
-        columns.insert(-1, "status")
-    if fmt is Format.csv:
-        columns = ["rank", "sweep", "model", "method", "rate", "dataset", "score", "perf_norm",
-                   "speed_norm", *shown, "trial_key"]
-    title = f"leaderboard by {metric}" + (f" — sweep {sweep}" if sweep else "")
-    text = render(flat, columns, fmt, title=title, json_payload=rows)
+                                   include_failed=include_failed, limit=top, model=model,
+                                   method=method, dataset=dataset)
+    flat, columns, headers = leaderboard_table(rows, metric, include_failed=include_failed,
+                                               fmt=fmt)
+    chosen = [f"{name} {value}" for name, value in
+              (("sweep", sweep), ("model", model), ("method", method), ("dataset", dataset))
+              if value]
+    title = f"leaderboard by {metric}" + (f" — {', '.join(chosen)}" if chosen else "")
+    text = render(flat, columns, fmt, title=title, json_payload=rows, headers=headers)
     if text is not None:
         print(text)
 

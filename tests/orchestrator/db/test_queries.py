@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import math
+import re
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -144,10 +147,53 @@ def test_failed_rows_only_on_request_and_never_scored(board: Engine) -> None:
     assert rows["crashed"]["status"] == "failed"
     assert rows["crashed"]["score"] is None and rows["crashed"]["perf_norm"] is None
     assert rows["crashed"]["error_type"] == "RuntimeError"
-    # Its perplexity would be the best; it still is no result.
-    assert [r["trial_key"] for r in _board(board, metric="perplexity", include_failed=True)][0] \
-        == "crashed"
+    assert rows["crashed"]["failure_reason"] == "error"
+    # Its perplexity would be the best; it still is no result, so it never ranks.
+    keys = [r["trial_key"] for r in _board(board, metric="perplexity", include_failed=True)]
+    assert keys[-1] == "crashed" and keys[:-1] == [
+        r["trial_key"] for r in _board(board, metric="perplexity")]
     assert "waiting" not in rows
+
+
+def test_delta_against_the_baseline(board: Engine) -> None:
+    rows = _by_key(_board(board, metric="perplexity"))
+    half = rows["half"]
+    assert (half["delta_metric"], half["baseline_value"]) == ("perplexity", PPL_BASE)
+    assert half["delta"] == pytest.approx(PPL_BASE)
+    assert half["delta_pct"] == pytest.approx(100.0)
+    assert (rows["base"]["delta"], rows["base"]["delta_pct"]) == (0.0, 0.0)
+    # The score's delta is the sweep's quality metric's.
+    scored = _by_key(_board(board))
+    assert scored["noacc"]["delta_metric"] == "perplexity"
+    assert scored["noacc"]["delta_pct"] == pytest.approx(25.0)
+    # Accuracy: higher is better, the delta still is value − baseline.
+    accuracy = _by_key(_board(board, metric="accuracy"))
+    assert accuracy["broken"]["delta"] == pytest.approx(0.2 - 0.7)
+    assert accuracy["broken"]["delta_pct"] == pytest.approx(-100 * 0.5 / 0.7)
+    # A speed measured on other hardware has no delta against this baseline; quality has.
+    speed = _by_key(_board(board, metric="decode_ms_per_token"))
+    assert speed["elsewhere"]["delta"] is None and speed["elsewhere"]["baseline_value"] is None
+    assert speed["half"]["delta_pct"] == pytest.approx(-50.0)
+    assert rows["elsewhere"]["delta"] == 0.0
+    # A failed trial has none.
+    failed = _by_key(_board(board, metric="perplexity", include_failed=True))["crashed"]
+    assert failed["delta"] is None and failed["quality_metric"] == "perplexity"
+
+
+def test_filters_keep_the_baseline_with_a_method_filter(board: Engine) -> None:
+    keys = [r["trial_key"] for r in _board(board, method="magnitude")]
+    assert keys == ["fast", "base", "half", "broken"]
+    assert [r["trial_key"] for r in _board(board, method="wanda", include_failed=True)] == [
+        "base", "noacc", "elsewhere", "crashed"]
+    # Filters apply to stored metrics and to the rows lacking the metric too.
+    assert [r["trial_key"] for r in _board(board, metric="accuracy", method="wanda")] == [
+        "elsewhere", "base", "noacc"]
+    assert _board(board, model="qwen") == []
+    assert _board(board, dataset="c4") == []
+    assert len(_board(board, model="llama", dataset="wikitext")) == len(_board(board))
+    assert [r["trial_key"] for r in _board(board, method="none")] == ["base"]
+    assert [r["trial_key"] for r in _board(board, method="magnitude", limit=2)] == [
+        "fast", "base"]
 
 
 def test_unknown_metric_suggests_the_closest(board: Engine) -> None:
@@ -379,7 +425,7 @@ def _everything(session: Any) -> dict[str, Any]:
 
 
 def _reference(everything: dict[str, Any], metric: str, sweep: str | None,
-               include_failed: bool) -> list[dict[str, Any]]:
+               include_failed: bool, **filters: str) -> list[dict[str, Any]]:
     """The leaderboard computed the plain way from everything stored."""
     sweeps = {s.id: s for s in everything["sweeps"] if sweep is None or s.name == sweep}
     listed = sorted(((t, hw) for t, hw in everything["trials"] if t.sweep_id in sweeps),
@@ -401,16 +447,32 @@ def _reference(everything: dict[str, Any], metric: str, sweep: str | None,
         return None if m is None else m.direction
 
     shown = {"done", "failed", "timed_out"} if include_failed else {"done"}
-    rows = []
+    speed_metrics = queries.hardware_dependent_metrics()
+    rows, kept_trials = [], []
+
+    def kept(t: Any) -> bool:
+        return (filters.get("model") in (None, t.model)
+                and filters.get("dataset") in (None, t.dataset)
+                and (filters.get("method") in (None, t.method) or t.is_baseline))
+
     for t in trials:
         if t.status not in shown:
             continue
-        perf = speed = total = None
+        perf = speed = total = noise = None
+        base_value = delta = delta_pct = None
         base = baselines.get((t.sweep_id, t.model, t.dataset))
+        settings = sweeps[t.sweep_id].spec.get("score") or {}
+        quality = settings.get("quality_metric") or "perplexity"
+        compared = quality if metric in queries.COMPUTED_METRICS else metric
         if t.status == "done" and base is not None:
-            settings = sweeps[t.sweep_id].spec.get("score") or {}
-            quality = settings.get("quality_metric") or "perplexity"
             weight = float(settings.get("weight", 0.5))
+            same_hw = hardware[t.id] is not None and hardware[t.id] == hardware[base.id]
+            if same_hw or compared not in speed_metrics:
+                base_value = value(base.id, compared)
+                mine = value(t.id, compared)
+                if mine is not None and base_value is not None:
+                    delta = mine - base_value
+                    delta_pct = None if base_value == 0 else 100 * delta / abs(base_value)
             q, q_base = value(t.id, quality), value(base.id, quality)
             way = direction(t.id, quality) or direction(base.id, quality)
             if q is not None and q_base is not None:
@@ -419,32 +481,45 @@ def _reference(everything: dict[str, Any], metric: str, sweep: str | None,
                 elif way == "lower" and q != 0:
                     perf = q_base / q
             s, s_base = value(t.id, "decode_ms_per_token"), value(base.id, "decode_ms_per_token")
-            same_hw = hardware[t.id] is not None and hardware[t.id] == hardware[base.id]
+            iqr = value(t.id, "decode_ms_per_token_iqr")
             if same_hw and s is not None and s_base is not None and s_base != 0:
                 speed = 1.0 - s / s_base
+            if same_hw and iqr is not None and s_base is not None and s_base != 0:
+                noise = iqr / s_base
             if perf is not None and speed is not None:
                 total = max(weight * perf + (1.0 - weight) * speed, 0.0)
+        kept_trials.append(t)
         rows.append({
             "sweep": sweeps[t.sweep_id].name, "model": t.model, "method": t.method,
             "rate": t.rate, "dataset": t.dataset, "params": t.params, "position": t.position,
-            "trial_key": t.trial_key, "status": t.status, "is_baseline": t.is_baseline,
-            "error_type": t.error_type, "score": total, "perf_norm": perf, "speed_norm": speed,
+            "trial_key": t.trial_key, "status": t.status, "failure_reason": t.failure_reason,
+            "is_baseline": t.is_baseline, "error_type": t.error_type, "score": total,
+            "perf_norm": perf, "speed_norm": speed, "speed_norm_noise": noise,
             "metrics": {n: m.value for n, m in stored[t.id].items()},
             "directions": {n: m.direction for n, m in stored[t.id].items()},
+            "quality_metric": quality, "delta_metric": compared, "baseline_value": base_value,
+            "delta": delta, "delta_pct": delta_pct,
         })
 
+    # Only finished trials rank; the direction is the majority of theirs.
     if metric in queries.COMPUTED_METRICS:
         higher = True
-        values = [r[metric] for r in rows]
     else:
-        votes = [r["directions"][metric] for r in rows if r["directions"].get(metric)]
+        # The direction is the sweeps', whatever the filters keep.
+        votes = [r["directions"][metric] for r in rows
+                 if r["status"] == "done" and r["directions"].get(metric)]
         ups, downs = votes.count("higher"), votes.count("lower")
         higher = ups > downs or (ups == downs and (not votes or votes[0] == "higher"))
-        values = [r["metrics"].get(metric) for r in rows]
+    rows = [r for r, t in zip(rows, kept_trials, strict=True) if kept(t)]
+    if metric in queries.COMPUTED_METRICS:
+        values = [r[metric] if r["status"] == "done" else None for r in rows]
+    else:
+        values = [r["metrics"].get(metric) if r["status"] == "done" else None for r in rows]
     ranked = sorted((i for i, v in enumerate(values) if v is not None),
                     key=lambda i: (-values[i] if higher else values[i], i))
-    return [rows[i] for i in ranked] + [r for r, v in zip(rows, values, strict=True)
-                                        if v is None]
+    unranked = [r for r, v in zip(rows, values, strict=True) if v is None]
+    return ([rows[i] for i in ranked] + [r for r in unranked if r["status"] == "done"]
+            + [r for r in unranked if r["status"] != "done"])
 
 
 # The second run builds every row from the sweeps rather than from id lists, as a
@@ -471,6 +546,14 @@ def test_ranked_in_sql_equals_the_plain_computation(
                                                   include_failed=include_failed, limit=limit)
                         assert got == expected[:limit], (metric, sweep, include_failed, limit)
                         compared += len(got)
+                    for filters in ({"model": "qwen"}, {"method": "magnitude", "dataset": "c4"}):
+                        expected = _reference(everything, metric, sweep, include_failed,
+                                              **filters)
+                        for limit in (None, 3):
+                            got = queries.leaderboard(session, metric=metric, sweep=sweep,
+                                                      include_failed=include_failed,
+                                                      limit=limit, **filters)
+                            assert got == expected[:limit], (metric, filters, limit)
     # The database really holds what the comparison is meant to cover.
     board = _reference(everything, "score", None, True)
     assert compared > 5_000
@@ -521,20 +604,20 @@ def test_stored_direction_is_the_majority_of_the_listed_rows(
 ) -> None:
     _directed(engine, make_result, [("done", "lower"), ("done", "higher"), ("done", None),
                                     ("failed", "higher"), ("failed", "higher")])
-    # Listed: one lower, one higher (a tie): the first listed row's direction wins.
+    # Finished: one lower, one higher (a tie): the first finished row's direction wins.
     assert _order(engine) == ["t0", "t1", "t2"]
     assert _order(engine, limit=2) == ["t0", "t1"]
-    # With the failed rows, higher has the majority.
-    assert _order(engine, include_failed=True) == ["t4", "t3", "t2", "t1", "t0"]
-    assert _order(engine, include_failed=True, limit=1) == ["t4"]
+    # Failed rows neither rank nor vote: they follow, in grid order.
+    assert _order(engine, include_failed=True) == ["t0", "t1", "t2", "t3", "t4"]
+    assert _order(engine, include_failed=True, limit=1) == ["t0"]
 
 
-def test_a_direction_stored_only_on_unlisted_rows_does_not_count(
+def test_a_direction_stored_only_on_failed_rows_does_not_count(
     engine: Engine, make_result: ResultFactory
 ) -> None:
     _directed(engine, make_result, [("done", None), ("done", None), ("failed", "lower")])
-    assert _order(engine) == ["t1", "t0"]  # no direction listed: higher is better
-    assert _order(engine, include_failed=True) == ["t0", "t1", "t2"]  # lower is better
+    assert _order(engine) == ["t1", "t0"]  # no direction finished: higher is better
+    assert _order(engine, include_failed=True) == ["t1", "t0", "t2"]
 
 
 def test_cli_top_passes_the_limit_to_the_query(
@@ -559,3 +642,62 @@ def test_cli_top_passes_the_limit_to_the_query(
     assert calls[-1]["limit"] == 2
     shown = json.loads(capsys.readouterr().out)
     assert [r["trial_key"] for r in shown] == ["fast", "base"]
+
+
+def _cli(db_url: str, capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    from orchestrator.cli.main import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--db", db_url, "leaderboard", *args])
+    out, err = capsys.readouterr()
+    assert exited.value.code == 0, err
+    return out
+
+
+def _markdown_table(text: str) -> list[list[str]]:
+    """The cells of a GitHub Markdown table; fails unless it is a well-formed one."""
+    lines = text.strip().splitlines()
+    assert len(lines) >= 3
+    cells = [[c.strip() for c in line.strip().strip("|").split(" | ")] for line in lines]
+    assert all(line.startswith("| ") and line.endswith(" |") for line in lines[:1] + lines[2:])
+    assert re.fullmatch(r"\|(:?---:?\|)+", lines[1]), lines[1]
+    width = lines[1].count("|") - 1
+    assert all(len(row) == width for row in cells[:1] + cells[2:]), "ragged table"
+    return [cells[0]] + cells[2:]
+
+
+def test_leaderboard_formats_paste_as_tables(
+    board: Engine, db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    table = _markdown_table(_cli(db_url, capsys, "--format", "markdown"))
+    header, rows = table[0], table[1:]
+    for heading in ("rank", "method", "score", "perf_norm", "speed_norm", "perplexity",
+                    "Δ perplexity", "Δ %", "params", "size MB"):
+        assert heading in header, heading
+    by_method = {r[header.index("trial_key")]: r for r in rows}
+    assert by_method["base"][header.index("method")] == "none (baseline)"
+    assert by_method["half"][header.index("Δ %")] == "100"
+    assert [r[header.index("rank")] for r in rows] == ["1", "2", "3", "4", "5", "-"]
+
+    # --all: failed trials listed last, unranked, with their status and reason.
+    table = _markdown_table(_cli(db_url, capsys, "--all", "--metric", "perplexity",
+                                 "--format", "markdown"))
+    header, rows = table[0], table[1:]
+    assert rows[-1][header.index("trial_key")] == "crashed"
+    assert rows[-1][header.index("rank")] == "-"
+    assert rows[-1][header.index("status")] == "failed (error)"
+    assert header[header.index("perplexity") + 1] == "Δ perplexity"
+
+    latex = _cli(db_url, capsys, "--method", "wanda", "--format", "latex")
+    body = latex[latex.index("\\midrule"):latex.index("\\bottomrule")].splitlines()[1:]
+    assert latex.count("\\begin{tabular}") == 1 and "\\end{tabular}" in latex
+    assert len(body) == 3 and all(line.endswith("\\\\") for line in body)
+    assert "none (baseline)" in latex and "magnitude" not in latex
+    columns = latex.split("\\begin{tabular}{", 1)[1].split("}", 1)[0]
+    assert all(line.count(" & ") == len(columns) - 1 for line in body)
+    assert "\\_" in latex and "$\\Delta$ \\%" in latex
+
+    rows = list(csv.DictReader(io.StringIO(_cli(db_url, capsys, "--format", "csv",
+                                                "--model", "llama"))))
+    assert rows[0]["sweep"] == "s1" and rows[0]["quality_metric"] == "perplexity"
+    assert float(rows[0]["score"]) == pytest.approx(0.6)
