@@ -240,8 +240,27 @@ def _results_callback_class() -> type:
                             **info: Any) -> None:
             payload = result.get("payload")
             if payload is None:
+                # The worker's first report says where it runs (workers/trial.py
+                # tune_trainable); it is not a result, and the trial goes on.
+                placement = result.get("started")
+                if placement is not None:
+                    self._placed(trial, placement)
                 return
             self._record(trial, json.loads(payload))
+
+        def _placed(self, trial: Any, placement: Any) -> None:
+            key = self._key(trial)
+            if key in self.recorded:
+                return  # stale: this trial's result is in already
+            try:
+                where = json.loads(placement)
+                host, gpus = where.get("host"), where.get("gpus")
+            except (TypeError, ValueError, AttributeError):
+                logging.getLogger(__name__).warning(
+                    "trial %s announced an unreadable placement: %r", key, placement)
+                return
+            self.writer.placed(key, host=None if host is None else str(host),
+                               gpus=None if gpus is None else str(gpus))
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             key = self._key(trial)

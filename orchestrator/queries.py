@@ -572,7 +572,8 @@ def trial_detail(session: Session, key_prefix: str, sweep: str | None = None) ->
     """Everything stored about the one trial whose key starts with ``key_prefix``.
 
     Keys: ``sweep``, ``trial_key``, ``model``, ``method``, ``params``, ``rate``, ``dataset``,
-    ``is_baseline``, ``status``, ``attempts``, ``host``, ``created_at``, ``started_at``,
+    ``is_baseline``, ``status``, ``attempts``, ``host``, ``gpus`` (the GPU ids Ray gave the
+    trial, "" on CPU, None before its worker announced itself), ``created_at``, ``started_at``,
     ``finished_at`` (ISO strings or None), ``duration_s``, ``config``, ``metrics`` (a list
     of ``{name, value, direction, note}``), ``evidence`` (None or ``{params_before,
     params_after, changed_fraction, max_abs_dlogits, details}``), ``environment`` (None or
@@ -631,6 +632,7 @@ def trial_detail(session: Session, key_prefix: str, sweep: str | None = None) ->
         "status": trial.status,
         "attempts": trial.attempts,
         "host": trial.host,
+        "gpus": trial.gpus,
         "created_at": _iso(trial.created_at),
         "started_at": _iso(trial.started_at),
         "finished_at": _iso(trial.finished_at),

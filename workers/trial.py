@@ -499,13 +499,26 @@ def _run_within_limits(config: dict[str, Any]) -> tuple[dict[str, Any], bool]:
 def tune_trainable(config: dict[str, Any]) -> None:
     """Ray Tune function trainable: run the trial and report its result as one JSON payload.
 
-    The result is first written to the trial's result file (durable across a driver
-    crash), then reported. A trial over its time limit is reported as ``timed_out`` and
-    its process then exits, releasing everything the stuck trial holds.
+    Its first report, before any work, is ``{"started": JSON of host, pid, gpus}``: where
+    the trial runs (``gpus`` the ids Ray assigned, "" on CPU). The result is first written
+    to the trial's result file (durable across a driver crash), then reported. A trial over
+    its time limit is reported as ``timed_out`` and its process then exits, releasing
+    everything the stuck trial holds.
     """
+    import ray
     from ray import tune
 
     trial = config["trial"]
+    # Say where this trial runs before it starts working: the driver stores the host and
+    # GPUs on the running trial (`sweep status --watch` shows them), while the result, which
+    # names the host too, may be many minutes away. The driver ignores reports without a
+    # "payload" for the outcome, so this one does not end the trial.
+    try:
+        gpu_ids = [str(i) for i in ray.get_gpu_ids()]
+    except Exception:  # noqa: BLE001 - outside a Ray worker: what CUDA would see
+        gpu_ids = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+    tune.report({"started": json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                        "gpus": ",".join(gpu_ids)})})
     # Relative paths in the spec (datasets, images, model directories, calibration files)
     # mean what they meant where `sweep launch` ran, not in Tune's trial directory.
     driver_cwd = trial.get("driver_cwd")

@@ -25,11 +25,34 @@ def status(
     ctx: typer.Context,
     sweep: str = typer.Option(None, "--sweep", help="Only this sweep."),
     fmt: Format = typer.Option(Format.table, "--format"),
+    watch: bool = typer.Option(False, "--watch", help="A live view, redrawn every --interval "
+                               "seconds: counts, progress, throughput and ETA per sweep, the "
+                               "running trials with host and GPU, the latest failures. Ends "
+                               "once nothing is pending or running (or on Ctrl-C)."),
+    interval: float = typer.Option(None, "--interval", help="Seconds between refreshes of "
+                                   "--watch (default 2).", show_default=False),
 ) -> None:
-    """Trial counts per status, per sweep."""
+    """Trial counts per status, per sweep (with --watch: a live view of running sweeps)."""
     from orchestrator import queries
     from orchestrator.db.models import TRIAL_STATUSES
 
+    if watch:
+        from orchestrator.cli import watch as live_view
+        from orchestrator.errors import BadInput
+
+        if fmt is not Format.table:
+            raise BadInput(f"--format {fmt.value} cannot be watched: drop --watch for "
+                           f"{fmt.value}, or drop --format for the live view")
+        period = live_view.check_interval(
+            live_view.DEFAULT_INTERVAL_S if interval is None else interval)
+        code = live_view.watch(ctx.obj["db"], sweep, period)
+        if code:
+            raise typer.Exit(code)
+        return
+    if interval is not None:
+        from orchestrator.errors import BadInput
+
+        raise BadInput("--interval applies only to --watch; add --watch or drop --interval")
     with read_session(ctx.obj["db"]) as session:
         sweeps = queries.sweep_status(session, sweep)
     rows = [{"sweep": s["name"], **s["counts"], "total": s["total"],

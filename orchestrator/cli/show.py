@@ -64,7 +64,8 @@ def print_detail(detail: dict[str, Any]) -> None:
         ("params", detail["params"]), ("rate", detail["rate"]),
         ("dataset", detail["dataset"]), ("baseline", "yes" if detail["is_baseline"] else "no"),
         ("status", detail["status"]), ("attempts", detail["attempts"]),
-        ("host", detail["host"]), ("created_at", detail["created_at"]),
+        ("host", detail["host"]), ("gpus", "cpu" if detail["gpus"] == "" else detail["gpus"]),
+        ("created_at", detail["created_at"]),
         ("started_at", detail["started_at"]), ("finished_at", detail["finished_at"]),
         ("duration_s", detail["duration_s"]),
     ])

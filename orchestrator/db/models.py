@@ -197,6 +197,9 @@ class Trial(Base):
     finished_at: Mapped[datetime | None]
     duration_s: Mapped[float | None] = mapped_column(Float)
     host: Mapped[str | None] = mapped_column(String(255))
+    # The GPU ids Ray gave the trial's worker ("0", "2,3"; "" on CPU), as the worker
+    # announced them when it began; NULL until then (and for trials stored before 0003).
+    gpus: Mapped[str | None] = mapped_column(String(64))
     error_type: Mapped[str | None] = mapped_column(String(200))
     error_message: Mapped[str | None] = mapped_column(Text)
     error_traceback: Mapped[str | None] = mapped_column(Text)

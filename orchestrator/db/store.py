@@ -37,6 +37,7 @@ TRIAL_FIELDS: tuple[str, ...] = (
 RESULT_STATUSES: tuple[str, ...] = ("done", "failed", "timed_out")
 MAX_METRIC_NAME = 100
 MAX_ERROR_TYPE = 200
+MAX_GPUS = 64  # characters of trials.gpus
 
 # (value, direction, note) of one metric, validated.
 _MetricRow = tuple[float | None, str | None, str | None]
@@ -145,8 +146,16 @@ _BY_ID = _TRIALS.c.id == bindparam("trial_id")
 _MARK_RUNNING = (
     update(_TRIALS).where(_BY_ID)
     .values(status="running", attempts=_TRIALS.c.attempts + 1, started_at=bindparam("p_now"),
-            finished_at=None, duration_s=None, host=bindparam("p_host"), error_type=None,
-            error_message=None, error_traceback=None, failure_reason=None)
+            finished_at=None, duration_s=None, host=bindparam("p_host"),
+            gpus=bindparam("p_gpus"), error_type=None, error_message=None,
+            error_traceback=None, failure_reason=None)
+)
+# Where a running trial's worker is, as it announced: only a row still running takes it (an
+# announcement that arrives after its result, or for a reset trial, is stale).
+_RECORD_PLACEMENT = (
+    update(_TRIALS).where(_BY_ID, _TRIALS.c.status == "running")
+    .values(host=func.coalesce(bindparam("p_host", type_=_TRIALS.c.host.type), _TRIALS.c.host),
+            gpus=bindparam("p_gpus", type_=_TRIALS.c.gpus.type))
 )
 _RESULT_FIELDS = ("status", "finished_at", "duration_s", "error_type", "error_message",
                   "error_traceback", "failure_reason", "environment_id")
@@ -187,30 +196,64 @@ def _trial_ids(conn: Connection, sweep_name: str, keys: Iterable[str]) -> dict[s
 
 
 def mark_running(
-    session: Session, sweep_name: str, trial_key: str, host: str | None = None
+    session: Session, sweep_name: str, trial_key: str, host: str | None = None,
+    gpus: str | None = None,
 ) -> None:
     """Record that a trial (re)started: status running, one more attempt, errors cleared."""
-    mark_running_many(session, sweep_name, [(trial_key, host)])
+    mark_running_many(session, sweep_name, [(trial_key, host, gpus)])
 
 
-def mark_running_many(
-    session: Session, sweep_name: str, starts: Sequence[tuple[str, str | None]]
-) -> None:
-    """:func:`mark_running` for each ``(trial_key, host)``, in one statement per batch.
+# (trial_key, host) or (trial_key, host, gpus)
+TrialStart = tuple[str, str | None] | tuple[str, str | None, str | None]
+
+
+def mark_running_many(session: Session, sweep_name: str, starts: Sequence[TrialStart]) -> None:
+    """:func:`mark_running` for each ``(trial_key, host[, gpus])``, in one statement per batch.
 
     A key given twice counts two attempts, as two start events would.
     """
     if not starts:
         return
     conn = session.connection()
-    ids = _trial_ids(conn, sweep_name, (key for key, _ in starts))
+    ids = _trial_ids(conn, sweep_name, (start[0] for start in starts))
     now = utcnow()
-    # A retry may land on another node; a host left from the last attempt would mislead.
+    # A retry may land on another node; a host or GPUs left from the last attempt would
+    # mislead, so a start without them clears them.
     conn.execute(_MARK_RUNNING, [
-        {"trial_id": ids[key], "p_now": now, "p_host": None if host is None else host[:255]}
-        for key, host in starts
+        {"trial_id": ids[start[0]], "p_now": now, "p_host": _host(start[1]),
+         "p_gpus": _gpus(start[2] if len(start) > 2 else None)}
+        for start in starts
     ])
     session.expire_all()
+
+
+def record_placements(
+    session: Session, sweep_name: str, placements: Sequence[tuple[str, str | None, str | None]]
+) -> None:
+    """Record where running trials run: each ``(trial_key, host, gpus)`` as the trial's
+    worker announced it, in one statement per batch.
+
+    Neither a new attempt nor a new start time: the trial was marked running when Tune
+    started it, and only its host (when given) and GPUs change. A trial that is no longer
+    running keeps what it has (the announcement is stale).
+    """
+    if not placements:
+        return
+    conn = session.connection()
+    ids = _trial_ids(conn, sweep_name, (key for key, _, _ in placements))
+    conn.execute(_RECORD_PLACEMENT, [
+        {"trial_id": ids[key], "p_host": _host(host), "p_gpus": _gpus(gpus)}
+        for key, host, gpus in placements
+    ])
+    session.expire_all()
+
+
+def _host(host: str | None) -> str | None:
+    return None if host is None else str(host)[:255]
+
+
+def _gpus(gpus: str | None) -> str | None:
+    return None if gpus is None else str(gpus)[:MAX_GPUS]
 
 
 def record_result(

@@ -6,8 +6,8 @@ driver at a few hundred results per second on PostgreSQL (less on a server that 
 its commits to disk) and stalls Tune's loop meanwhile. :class:`ResultWriter` instead
 queues events and a thread writes them: whatever has queued up while the previous
 transaction ran goes into the next one (group commit), with the same few statements per
-batch (``store.mark_running_many`` / ``store.record_results``). A lone event is written at
-once, so nothing waits for a batch to fill.
+batch (``store.mark_running_many`` / ``store.record_placements`` / ``store.record_results``).
+A lone event is written at once, so nothing waits for a batch to fill.
 
 Durability does not depend on the queue: a worker writes its result to a result file
 before reporting it, and the file is removed only once its result is committed
@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from orchestrator.db.engine import session_scope
-from orchestrator.db.store import mark_running_many, record_results
+from orchestrator.db.store import mark_running_many, record_placements, record_results
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,17 @@ MAX_BATCH = 500  # events per transaction; bounds a transaction's time and lock 
 @dataclass
 class _Event:
     key: str
-    result: Mapping[str, Any] | None = None  # None: the trial started
+    result: Mapping[str, Any] | None = None  # None: the trial started (or was placed)
     host: str | None = None
     on_committed: Callable[[], None] | None = None
+    gpus: str | None = None
+    # The running trial's worker announced its host and GPUs: not a new attempt.
+    placed: bool = False
+
+    @property
+    def phase(self) -> int:
+        """Order of application within a segment: starts, then placements, then results."""
+        return 2 if self.result is not None else 1 if self.placed else 0
 
 
 @dataclass
@@ -75,9 +83,14 @@ class ResultWriter:
 
     # ------------------------------------------------------------------ driver side
 
-    def started(self, key: str, host: str | None = None) -> None:
+    def started(self, key: str, host: str | None = None, gpus: str | None = None) -> None:
         """Queue "trial ``key`` started" (status running, one more attempt)."""
-        self._put(_Event(key, None, host))
+        self._put(_Event(key, None, host, gpus=gpus))
+
+    def placed(self, key: str, host: str | None, gpus: str | None) -> None:
+        """Queue "running trial ``key`` runs on ``host`` with GPUs ``gpus``" (as its worker
+        announced); unlike ``started``, this is not a new attempt and keeps the start time."""
+        self._put(_Event(key, None, host, gpus=gpus, placed=True))
 
     def finished(self, key: str, result: Mapping[str, Any],
                  on_committed: Callable[[], None] | None = None) -> None:
@@ -165,9 +178,9 @@ class ResultWriter:
                 try:
                     self._commit([event])
                 except Exception as error:  # noqa: BLE001 - handed to the driver thread
-                    log.error("could not write %s of trial %s: %s",
-                              "the start" if event.result is None else "the result",
-                              event.key, error)
+                    what = ("the result" if event.result is not None
+                            else "the placement" if event.placed else "the start")
+                    log.error("could not write %s of trial %s: %s", what, event.key, error)
                     with self._lock:
                         if self._error is None:
                             self._error = error
@@ -175,9 +188,11 @@ class ResultWriter:
     def _commit(self, batch: list[_Event]) -> None:
         with session_scope(self.engine, write=True) as session:
             for segment in _segments(batch):
-                starts = [(e.key, e.host) for e in segment if e.result is None]
+                starts = [(e.key, e.host, e.gpus) for e in segment if e.phase == 0]
+                placements = [(e.key, e.host, e.gpus) for e in segment if e.phase == 1]
                 results = [(e.key, e.result) for e in segment if e.result is not None]
                 mark_running_many(session, self.sweep, starts)
+                record_placements(session, self.sweep, placements)
                 record_results(session, self.sweep, results)
         self.batches += 1
         for event in batch:
@@ -190,14 +205,15 @@ class ResultWriter:
 
 def _segments(batch: list[_Event]) -> list[list[_Event]]:
     """Split ``batch`` so that within a segment every start may be applied before every
-    result: a new segment begins where a trial starts again after a result of it."""
+    placement, and every placement before every result: a new segment begins where an
+    event of a trial comes after a later-phase event of the same trial (a start after its
+    result, a start after its placement, a placement after its result)."""
     segments: list[list[_Event]] = [[]]
-    finished: set[str] = set()
+    phases: dict[str, int] = {}  # the latest phase of each trial in the current segment
     for event in batch:
-        if event.result is None and event.key in finished:
+        if phases.get(event.key, -1) > event.phase:
             segments.append([])
-            finished = set()
+            phases = {}
         segments[-1].append(event)
-        if event.result is not None:
-            finished.add(event.key)
+        phases[event.key] = max(phases.get(event.key, -1), event.phase)
     return segments

@@ -224,7 +224,7 @@ def test_empty_database_is_no_database_for_a_read(db_url: str) -> None:
 
 def test_ensure_schema_creates_then_accepts(db_url: str) -> None:
     engine = ensure_schema(db_url, create=True)
-    assert current_revision(db_url) == head_revision() == "0002_leases_timeouts"
+    assert current_revision(db_url) == head_revision() == "0003_trial_gpus"
     assert ensure_schema(db_url, create=False) is engine
     assert ensure_schema(db_url, create=True) is engine
 

@@ -30,15 +30,15 @@ from orchestrator.db.store import record_result, register_sweep
 from orchestrator.errors import SchemaOutOfDate
 
 TABLES = {"sweeps", "environments", "drivers", "trials", "metrics", "evidence"}
-HEAD = "0002_leases_timeouts"
+HEAD = "0003_trial_gpus"
 
-SECOND_REVISION = '''"""Test-only revision 0003: rebuilds `trials` with a new column."""
+SECOND_REVISION = '''"""Test-only revision 0004: rebuilds `trials` with a new column."""
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003_test"
-down_revision = "0002_leases_timeouts"
+revision = "0004_test"
+down_revision = "0003_trial_gpus"
 branch_labels = None
 depends_on = None
 
@@ -145,7 +145,7 @@ def newer_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     location = tmp_path / "future_migrations"
     shutil.copytree(engine_module.script_location(), location,
                     ignore=shutil.ignore_patterns("__pycache__"))
-    (location / "versions" / "0003_test.py").write_text(SECOND_REVISION)
+    (location / "versions" / "0004_test.py").write_text(SECOND_REVISION)
     monkeypatch.setattr(engine_module, "script_location", lambda: str(location))
     return location
 
@@ -159,7 +159,7 @@ def test_older_schema_is_refused_with_the_upgrade_command(
     message = str(caught.value)
     assert "sweep db upgrade" in message
     assert redact_url(db_url) in message
-    assert f"'{HEAD}'" in message and "'0003_test'" in message
+    assert f"'{HEAD}'" in message and "'0004_test'" in message
     assert caught.value.exit_code == 1
     assert current_revision(db_url) == HEAD  # refused, not migrated behind our back
 
@@ -179,7 +179,7 @@ def test_upgrade_moves_data_through_a_table_rebuild(
     # Rebuilding `trials` drops the old table; with foreign keys on, that DROP would
     # cascade into metrics and evidence.
     upgrade(db_url)
-    assert current_revision(db_url) == "0003_test"
+    assert current_revision(db_url) == "0004_test"
     assert ensure_schema(db_url, create=False) is engine
     assert "note" in {c["name"] for c in inspect(engine).get_columns("trials")}
     with session_scope(engine) as session:
@@ -276,5 +276,30 @@ def test_downgrade_to_first_release_keeps_rows_and_maps_timed_out(db_url: str) -
         rows = dict(conn.execute(sa.text("SELECT id, status FROM trials")).all())
         assert rows == {1: "done", 2: "failed", 3: "failed"}
         assert conn.execute(sa.text("SELECT count(*) FROM metrics")).scalar() == 2
+    upgrade(db_url)
+    assert _diff(engine, Base.metadata) == []
+
+
+# --------------------------------------------------------------------------- 0003
+
+
+def test_trial_gpus_column_comes_and_goes_with_every_row_intact(db_url: str) -> None:
+    upgrade(db_url, "0002_leases_timeouts")
+    engine = make_engine(db_url)
+    meta = MetaData()
+    meta.reflect(engine)
+    assert "gpus" not in meta.tables["trials"].c
+    _fill_first_revision(engine)  # rows as an older release wrote them
+    upgrade(db_url, "0003_trial_gpus")
+    assert _diff(engine, Base.metadata) == []
+    with session_scope(engine, write=True) as session:
+        assert session.scalars(select(Trial.gpus)).all() == [None, None, None]
+        session.execute(sa.update(Trial).where(Trial.id == 1).values(gpus="0,1"))
+    downgrade(db_url, "0002_leases_timeouts")
+    assert "gpus" not in {c["name"] for c in inspect(engine).get_columns("trials")}
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM trials")).scalar() == 3
+        assert conn.execute(sa.text("SELECT count(*) FROM metrics")).scalar() == 2
+        assert conn.execute(sa.text("SELECT count(*) FROM evidence")).scalar() == 1
     upgrade(db_url)
     assert _diff(engine, Base.metadata) == []
