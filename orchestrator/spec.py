@@ -313,8 +313,10 @@ def load(path: str | Path, check_sources: bool = True) -> SweepSpec:
     return loads(text, source=str(path), check_sources=check_sources)
 
 
-def loads(text: str, source: str = "<spec>", check_sources: bool = True) -> SweepSpec:
-    """Validate spec text; ``check_sources`` also checks that models and datasets exist."""
+def read_yaml(text: str, source: str = "<spec>") -> tuple[Any, dict[tuple, int]]:
+    """``(data, line of every YAML path)`` of a YAML document, read safely: duplicate keys
+    refused, depth and alias expansion bounded. Raises :class:`SpecError` (one line per
+    problem, with its line) for anything else. Spec and reference files are read by it."""
     try:
         _check_depth(text)
         # Composed once: the node graph gives the lines, its size check, and the data.
@@ -331,7 +333,12 @@ def loads(text: str, source: str = "<spec>", check_sources: bool = True) -> Swee
         raise SpecError(exc.problems, source=source) from None
     except RecursionError:  # pragma: no cover - _check_depth refuses deep specs first
         raise SpecError(["invalid YAML: the spec nests too deeply"], source=source) from None
-    lines = _line_index(node)
+    return data, _line_index(node)
+
+
+def loads(text: str, source: str = "<spec>", check_sources: bool = True) -> SweepSpec:
+    """Validate spec text; ``check_sources`` also checks that models and datasets exist."""
+    data, lines = read_yaml(text, source)
     if not isinstance(data, dict):
         raise SpecError(["the spec must be a YAML mapping with name, models, methods, "
                          "datasets"], source=source)
