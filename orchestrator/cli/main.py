@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from orchestrator.cli import catalog, db, results, run, show
+from orchestrator.cli import catalog, compare, db, export, plot, report, results, run, show
 
 app = typer.Typer(
     name="sweep", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -36,6 +36,10 @@ results.register(app)
 catalog.register(app)
 db.register(app)
 show.register(app)
+compare.register(app)
+plot.register(app)
+report.register(app)
+export.register(app)
 
 
 def _exception_classes(name: str) -> tuple[type[BaseException], ...]:
@@ -100,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args
     command = typer.main.get_command(app)
     try:
-        command.main(args=args, prog_name="sweep", standalone_mode=False)
+        # Without standalone mode click returns (not raises) the code of a typer.Exit.
+        code = command.main(args=args, prog_name="sweep", standalone_mode=False)
     except SweepError as exc:
         if debug:
             raise
@@ -124,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {type(exc).__name__}: {exc} (run with --debug for the traceback)",
               file=sys.stderr)
         sys.exit(1)
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
 
 
 if __name__ == "__main__":
