@@ -308,6 +308,8 @@ def watch(db_url: str, sweep: str | None, interval: float, console: Any = None,
                 live.update(render_snapshot(snapshot, interval=interval, error=error),
                             refresh=True)
         if not snapshot["active"]:
+            if not console.is_terminal:
+                console.line()  # Live leaves its last view unterminated outside a terminal
             console.print(summary_line(snapshot))
         return 0
     except KeyboardInterrupt:

@@ -13,7 +13,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,9 +20,9 @@ from typing import Any
 
 import pytest
 import yaml
-from postgres_server import HAVE_POSTGRES, PG_BIN  # tests/ is on sys.path (rootdir conftest)
+from postgres_server import backends, fresh_database_url  # tests/ on sys.path (rootdir conftest)
 from rich.console import Console
-from sqlalchemy import Engine, create_engine, make_url, select, update
+from sqlalchemy import Engine, select, update
 
 from orchestrator.cli import watch as live_view
 from orchestrator.db.engine import dispose_engines, ensure_schema, session_scope
@@ -93,32 +92,10 @@ def test_duration_is_wall_clock_else_the_workers_measure() -> None:
 
 # --------------------------------------------------------------------------- databases
 
-BACKENDS = [
-    "sqlite",
-    pytest.param("postgresql", marks=pytest.mark.skipif(
-        not HAVE_POSTGRES, reason=f"no PostgreSQL 15 ({PG_BIN / 'initdb'} absent)")),
-]
-
-
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=backends())
 def any_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh results database URL, once on SQLite and once on PostgreSQL."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'results.db'}"
-        dispose_engines()
-        return
-    admin_url: str = request.getfixturevalue("postgres_admin_url")
-    name = f"sweep_watch_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-        dispose_engines()
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        admin.dispose()
+    yield from fresh_database_url(request, tmp_path, "sweep_watch")
 
 
 def _row(key: str, position: int, method: str = "drop_layers", rate: float | None = 0.5,
@@ -460,7 +437,8 @@ def test_watch_of_a_finished_sweep_prints_once_and_exits_0(tmp_path: Path) -> No
     assert live_view.watch(url, "s2", 30.0, console=console) == 0
     assert time.monotonic() - started < 10  # did not wait for a second poll
     text = console.export_text()
-    assert "sweep s2 finished: 1 done, 0 failed, 0 timed out of 1 trials" in text
+    # On a line of its own, also outside a terminal (where Live leaves its view unended).
+    assert "\nsweep s2 finished: 1 done, 0 failed, 0 timed out of 1 trials\n" in text
     assert "s1" not in text
 
 
