@@ -61,3 +61,50 @@ def running_postgres() -> Iterator[str]:
             _run([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"])
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+# Backends of the tests that run once per database backend (`db_url` and the like).
+def backends() -> list:
+    """``["sqlite", postgresql]`` as pytest params; PostgreSQL skipped with a reason when
+    there is no server to use."""
+    import pytest
+
+    return [
+        "sqlite",
+        pytest.param(
+            "postgresql",
+            marks=pytest.mark.skipif(
+                not HAVE_POSTGRES,
+                reason=f"no PostgreSQL 15 ({PG_BIN / 'initdb'} absent, "
+                       "$SWEEP_TEST_POSTGRES_URL unset)",
+            ),
+        ),
+    ]
+
+
+def fresh_database_url(request, tmp_path: Path, prefix: str = "sweep_test") -> Iterator[str]:
+    """Yield the URL of a fresh, empty database on the backend ``request.param`` names (a
+    file under ``tmp_path``, or a database created on the session's PostgreSQL server and
+    dropped afterwards); for fixtures parametrised with :func:`backends`."""
+    import uuid
+
+    from sqlalchemy import create_engine, make_url
+
+    from orchestrator.db.engine import dispose_engines
+
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'results.db'}"
+        dispose_engines()
+        return
+    admin_url: str = request.getfixturevalue("postgres_admin_url")
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        dispose_engines()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        admin.dispose()

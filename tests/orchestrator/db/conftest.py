@@ -9,49 +9,26 @@ skipped with a reason.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from postgres_server import HAVE_POSTGRES, PG_BIN  # tests/ is on sys.path (rootdir conftest)
-from sqlalchemy import Engine, create_engine, make_url
+from postgres_server import (  # tests/ is on sys.path (rootdir conftest)
+    backends,
+    fresh_database_url,
+)
+from sqlalchemy import Engine
 
-from orchestrator.db.engine import dispose_engines, ensure_schema
+from orchestrator.db.engine import ensure_schema
 
-BACKENDS = [
-    "sqlite",
-    pytest.param(
-        "postgresql",
-        marks=pytest.mark.skipif(
-            not HAVE_POSTGRES,
-            reason=f"no PostgreSQL 15 ({PG_BIN / 'initdb'} absent, $SWEEP_TEST_POSTGRES_URL unset)",
-        ),
-    ),
-]
-
+BACKENDS = backends()
 
 
 @pytest.fixture(params=BACKENDS)
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """URL of a fresh, empty results database on each backend."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'results.db'}"
-        dispose_engines()
-        return
-    admin_url: str = request.getfixturevalue("postgres_admin_url")
-    name = f"sweep_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-        dispose_engines()
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        admin.dispose()
+    yield from fresh_database_url(request, tmp_path)
 
 
 @pytest.fixture
