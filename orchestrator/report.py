@@ -175,8 +175,10 @@ def leaderboard_section(session: Session, sweep: Sweep) -> str:
     return (f"Ranked by score = max({weight:g}·PerfNorm + {1 - weight:g}·SpeedNorm, 0), "
             f"PerfNorm from `{quality}`, SpeedNorm from `{queries.SPEED_METRIC}` against the "
             "baseline on the same hardware. `± speed_norm` is the spread of SpeedNorm that "
-            "the trial's own timing noise (IQR of the timed repeats) explains: score "
-            "differences smaller than it are noise.\n\n" + md_table(flat, columns, headers))
+            "the trial's own timing noise (IQR of the timed repeats) explains, a lower "
+            "bound: trials timed at different moments drift further apart, so score "
+            "differences of about this size or less are noise.\n\n"
+            + md_table(flat, columns, headers))
 
 
 def compare_section(session: Session, sweep: Sweep, references: Sequence[Path] | None,
