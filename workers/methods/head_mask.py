@@ -87,6 +87,21 @@ def calibration_batches(ctx: MethodContext, config: HeadMaskConfig) -> list[Any]
     return list(tensor.split(8))
 
 
+def cached_head_importance(model: Any, ctx: MethodContext, config: TextCalibration) -> Any:
+    """:func:`head_importance` of the base ``model`` on ``config``'s calibration text,
+    computed once per base model, calibration set and seed in a worker process: a sweep
+    over rates (and ``prune_heads`` on the same base) calibrates once."""
+    family = ctx.family
+    layers = family.decoder_layers(model)
+    # The shapes are in the key: importance of another structure must never be reused.
+    key = ("head_importance", config.calibration_dataset, config.calibration_split,
+           config.calibration_samples, config.calibration_length, ctx.seed,
+           len(layers), family.num_heads(model), family.num_kv_heads(model),
+           family.head_dim(model))
+    return ctx.cached(key, lambda: head_importance(model, family,
+                                                   calibration_batches(ctx, config)))
+
+
 @register_method(
     "head_mask", config=HeadMaskConfig,
     description="Zero the least important attention heads (mean |output| on calibration text) "
@@ -99,7 +114,7 @@ def apply(model: Any, rate: float, config: HeadMaskConfig, ctx: MethodContext) -
     import torch
 
     family = ctx.family
-    importance = head_importance(model, family, calibration_batches(ctx, config))
+    importance = cached_head_importance(model, ctx, config)
     chosen = select_heads(importance, rate, config.scope)
     head_dim = family.head_dim(model)
     layers = family.decoder_layers(model)

@@ -56,7 +56,7 @@ from workers.methods import (
     TextCalibration,
     register_method,
 )
-from workers.methods.head_mask import calibration_batches, head_importance
+from workers.methods.head_mask import cached_head_importance
 
 
 class PruneHeadsConfig(TextCalibration):
@@ -239,12 +239,7 @@ def apply(model: Any, rate: float, config: PruneHeadsConfig,
                     stock_reload=not has_structure(model.config))
         return MethodOutcome(model=model, info=info)
 
-    # The sizes are in the key: importance of another structure must never be reused.
-    key = ("head_importance", config.calibration_dataset, config.calibration_split,
-           config.calibration_samples, config.calibration_length, ctx.seed,
-           len(layers), heads, kv_heads, head_dim)
-    importance = ctx.cached(key, lambda: head_importance(model, family,
-                                                         calibration_batches(ctx, config)))
+    importance = cached_head_importance(model, ctx, config)  # shared with head_mask
     if config.groups == "query_heads":
         removed = query_heads_to_remove(importance, kv_heads, rate, config.layout)
     else:

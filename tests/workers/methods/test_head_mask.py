@@ -93,3 +93,34 @@ def test_zeroing_o_proj_columns_equals_removing_the_head_output(random_llama, co
     with torch.no_grad():
         torch.testing.assert_close(outcome.model(input_ids=PROBE).logits, expected,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_a_sweep_over_rates_calibrates_once_and_prune_heads_shares_it(random_llama, context,
+                                                                      monkeypatch):
+    import workers.methods.head_mask as head_mask
+
+    calls = []
+    real = head_mask.head_importance
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(head_mask, "head_importance", counted)
+    method = get_method("head_mask")
+    outcomes = [method.apply(copy.deepcopy(random_llama), rate,
+                             method.config.model_validate({"scope": "global"}), context)
+                for rate in (0.25, 0.5, 0.75)]
+    assert len(calls) == 1 and context.cache_hits == 2
+    masked = [o.info["heads_masked"] for o in outcomes]
+    assert masked == sorted(masked) and masked[0] < masked[-1]
+    # prune_heads ranks heads by the same importance of the same base: no new calibration.
+    prune = get_method("prune_heads")
+    prune.apply(copy.deepcopy(random_llama), 0.25,
+                prune.config.model_validate({"groups": "query_heads", "layout": "uniform"}),
+                context)
+    assert len(calls) == 1 and context.cache_hits == 3
+    # Another calibration set is another computation.
+    method.apply(copy.deepcopy(random_llama), 0.25,
+                 method.config.model_validate({"calibration_samples": 2}), context)
+    assert len(calls) == 2
