@@ -348,15 +348,81 @@ def start_ray(address: str | None, include_dashboard: bool) -> tuple[bool, str |
     return True, url
 
 
+# Filesystem types (from /proc/mounts) that other machines can mount too.
+SHARED_FILESYSTEMS = frozenset({
+    "nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "ceph", "fuse.ceph", "gpfs", "beegfs",
+    "glusterfs", "fuse.glusterfs", "fuse.sshfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.juicefs",
+    "fuse.goofys", "fuse.rclone", "9p", "virtiofs", "wekafs", "fuse.weka", "panfs", "afs",
+})
+
+
+def filesystem_type(path: str | Path) -> str | None:
+    """The type of the filesystem holding ``path`` per /proc/mounts; None when unknown."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    target = os.path.realpath(path)
+    best, kind = "", None
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def cluster_warnings(nodes: int, db_url: str, storage_path: str | Path,
+                     storage_filesystem: str | None = None) -> list[str]:
+    """Warnings for a sweep on a cluster of ``nodes`` nodes (none for a single node).
+
+    Only the driver writes the database, so SQLite works on a cluster, but it is a file on
+    the driver's machine: nobody elsewhere can read the results. Workers write result files
+    under the storage path for crash recovery; on a directory only this machine has, the
+    files of trials on other nodes land on their own disks, where the next launch cannot
+    find them. ``storage_filesystem`` is the path's filesystem type (see
+    :func:`filesystem_type`); a network filesystem or a URI counts as shared.
+    """
+    if nodes <= 1:
+        return []
+    warnings = []
+    if db_url.split(":", 1)[0].split("+", 1)[0] == "sqlite":
+        warnings.append(
+            f"the results database is SQLite, a file on this machine, on a cluster of {nodes} "
+            "nodes: only this driver writes it, so the sweep works, but other machines cannot "
+            "read the results; use PostgreSQL (--db postgresql://…, see README: Clusters)")
+    storage = str(storage_path)
+    if "://" not in storage and storage_filesystem not in SHARED_FILESYSTEMS:
+        kind = f" ({storage_filesystem})" if storage_filesystem else ""
+        warnings.append(
+            f"the storage path {storage} is on a filesystem{kind} of this machine only, on a "
+            f"cluster of {nodes} nodes: result files of trials on other nodes stay on their "
+            "disks, so a crashed launch cannot recover them; pass --storage-path on a shared "
+            "filesystem mounted at the same path on every node")
+    return warnings
+
+
+def _alive_nodes() -> int:
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
 def run(plan_: LaunchPlan, db_url: str, *, max_concurrent: int | None = None,
         address: str | None = None, include_dashboard: bool = True,
         on_start: Callable[[str | None], None] | None = None,
         on_change: Callable[[Progress], None] | None = None,
-        storage_path: str | None = None) -> LaunchOutcome:
+        storage_path: str | None = None,
+        on_warning: Callable[[str], None] | None = None) -> LaunchOutcome:
     """Run ``plan_.to_run`` on Ray Tune; the callback records every transition.
 
     Failed and timed-out trials are run again, in further rounds, until each has had
     ``max_attempts`` attempts in this launch (failures that would repeat are not retried).
+    On a cluster of several nodes, :func:`cluster_warnings` go to ``on_warning`` (default:
+    the log) before the sweep starts.
     """
     spec = plan_.spec
     outcome = LaunchOutcome(sweep=spec.name, total=len(plan_.trials),
@@ -378,6 +444,13 @@ def run(plan_: LaunchPlan, db_url: str, *, max_concurrent: int | None = None,
 
         started_here, url = start_ray(address, include_dashboard)
         outcome.dashboard_url = url
+        storage = storage_dir(storage_path)
+        storage.mkdir(parents=True, exist_ok=True)
+        if address is not None:  # a local Ray is one node
+            warn = on_warning or logging.getLogger(__name__).warning
+            for message in cluster_warnings(_alive_nodes(), db_url, storage,
+                                            filesystem_type(storage)):
+                warn(message)
         if on_start is not None:
             on_start(url)
         cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
@@ -399,8 +472,6 @@ def run(plan_: LaunchPlan, db_url: str, *, max_concurrent: int | None = None,
                    for t in plan_.to_run]
         progress = Progress([c["trial_key"] for c in configs], on_change)
         attempts: dict[str, int] = dict.fromkeys(progress.states, 0)
-        storage = storage_dir(storage_path)
-        storage.mkdir(parents=True, exist_ok=True)
         round_configs = configs
         stamp = time.strftime("%Y%m%d-%H%M%S")
         writer = ResultWriter(engine, spec.name)

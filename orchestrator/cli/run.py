@@ -49,6 +49,10 @@ def launch(
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Run failed trials again."),
     dashboard: bool = typer.Option(True, "--dashboard/--no-dashboard",
                                    help="Start the Ray dashboard with a local Ray."),
+    storage_path: str = typer.Option(
+        None, "--storage-path", metavar="DIR",
+        help="Directory for Tune state and workers' result files (default: the cache); on a "
+             "cluster, a shared filesystem mounted at the same path on every node."),
     fmt: Format = typer.Option(Format.table, "--format", help="Format of the final leaderboard."),
 ) -> None:
     """Run a sweep: every trial not already done in the database runs on Ray Tune."""
@@ -57,6 +61,8 @@ def launch(
     from orchestrator.db.engine import redact_url
 
     db_url = ctx.obj["db"]
+    if storage_path is not None:
+        storage_path = _storage_directory(storage_path)
     # Ray's processes inherit this process's environment; the URL may carry a password.
     os.environ.pop("SWEEP_DB_URL", None)
     spec = spec_module.load(spec_path)
@@ -75,7 +81,8 @@ def launch(
         return
     if address is None:
         service.check_local_resources(spec)
-    planned = service.plan(spec, str(spec_path), db_url, retry_failed=retry_failed)
+    planned = service.plan(spec, str(spec_path), db_url, retry_failed=retry_failed,
+                           storage_path=storage_path)
     skipped = len(planned.trials) - len(planned.to_run) - len(planned.busy)
     console.print(f"sweep [bold]{spec.name}[/]: {len(planned.trials)} trials, "
                   f"{skipped} already recorded, {len(planned.to_run)} to run "
@@ -98,7 +105,7 @@ def launch(
         console.print(f"nothing to run: {what}{note}")
     else:
         outcome = _run_with_progress(service, planned, db_url, console, max_concurrent, address,
-                                     dashboard)
+                                     dashboard, storage_path)
         retried = f" ({outcome.retried} retries)" if outcome.retried else ""
         console.print(f"ran {outcome.ran} trials in {outcome.seconds:.0f} s{retried}: "
                       f"{outcome.done} done, {outcome.failed} failed or timed out")
@@ -114,7 +121,23 @@ def launch(
         sys.exit(1)
 
 
-def _run_with_progress(service, planned, db_url, console, max_concurrent, address, dashboard):
+def _storage_directory(value: str) -> str:
+    """``--storage-path`` as an absolute directory (workers on other nodes get it verbatim)."""
+    from orchestrator.errors import BadInput
+
+    if "://" in value:
+        raise BadInput(f"--storage-path {value}: URIs are not supported (workers write result "
+                       "files with plain file I/O); give a directory, on a cluster one on a "
+                       "shared filesystem mounted at the same path on every node")
+    path = Path(value).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise BadInput(f"--storage-path {value} is a file; give a directory")
+    return str(path)
+
+
+def _run_with_progress(service, planned, db_url, console, max_concurrent, address, dashboard,
+                       storage_path=None):
+    from rich.markup import escape
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -142,6 +165,10 @@ def _run_with_progress(service, planned, db_url, console, max_concurrent, addres
 
     try:
         return service.run(planned, db_url, max_concurrent=max_concurrent, address=address,
-                           include_dashboard=dashboard, on_start=on_start, on_change=on_change)
+                           include_dashboard=dashboard, on_start=on_start, on_change=on_change,
+                           storage_path=storage_path,
+                           on_warning=lambda message: console.print(
+                               f"[yellow]warning[/]: {escape(message)}", soft_wrap=True,
+                               highlight=False))
     finally:
         bar.stop()
