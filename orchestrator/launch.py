@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator import placement
 from orchestrator import spec as spec_module
 from orchestrator.db.engine import ensure_schema, redact_url, session_scope
 from orchestrator.db.leases import (
@@ -72,6 +73,7 @@ class LaunchOutcome:
     failed: int = 0
     retried: int = 0
     dashboard_url: str | None = None
+    placement: str = ""
     seconds: float = 0.0
 
 
@@ -218,16 +220,38 @@ def _results_callback_class() -> type:
         """Writes trial transitions and results to the database (the single writer)."""
 
         def __init__(self, writer: ResultWriter, progress: Progress,
-                     files_dir: str | None) -> None:
-            self.writer = writer
+                     files_dir: str | None, db_url: str | None = None) -> None:
+            self._writer = writer
             self.progress = progress
             self.files_dir = files_dir
             self.recorded: set[str] = set()
+            # Only for a Ray Client launch: there, Tune runs on the cluster, with a copy
+            # of this callback that opens its own writer on the database.
+            self.db_url = db_url
+            self.sweep = writer.sweep
+            self.owns_writer = False
 
         def __getstate__(self) -> dict:
-            # Tune pickles the Tuner (callbacks included) for experiment restore; a writer
-            # thread and a live progress display cannot be pickled and make no sense restored.
-            return {**self.__dict__, "writer": None, "progress": Progress([])}
+            # Tune pickles the Tuner (callbacks included) for experiment restore, and with
+            # Ray Client to run it on the cluster; a writer thread and a live progress
+            # display cannot be pickled.
+            return {**self.__dict__, "_writer": None, "progress": Progress([]),
+                    "owns_writer": False}
+
+        @property
+        def writer(self) -> ResultWriter:
+            if self._writer is None:
+                if self.db_url is None:
+                    raise RuntimeError("the results callback was copied to another process "
+                                       "without a database to write to")
+                self._writer = ResultWriter(ensure_schema(self.db_url, create=False),
+                                            self.sweep)
+                self.owns_writer = True
+            return self._writer
+
+        def on_experiment_end(self, trials: list, **info: Any) -> None:
+            if self.owns_writer and self._writer is not None and not self._writer.closed:
+                self._writer.close()  # the launch reads the outcomes once Tune returns
 
         def _key(self, trial: Any) -> str:
             return trial.config["trial"]["trial_key"]
@@ -310,6 +334,71 @@ class _Heartbeat(threading.Thread):
                     heartbeat(session, self.driver_id)
             except Exception:  # noqa: BLE001 - a missed beat is retried; the lease is 6 beats
                 continue
+
+
+def is_client_address(address: str | None) -> bool:
+    """A Ray Client address (``ray://HOST:10001``): Tune itself then runs on the cluster."""
+    return bool(address) and address.startswith("ray://")
+
+
+def check_address(address: str | None, db_url: str) -> None:
+    """Refuse, before anything is written, a results database a Ray Client launch can't use.
+
+    With Ray Client, Tune runs on the cluster's head node and the results are written from
+    there: a SQLite file on this machine is out of its reach.
+    """
+    if is_client_address(address) and db_url.split(":", 1)[0].split("+", 1)[0] == "sqlite":
+        raise BadInput(f"--address {address} runs the sweep's Tune loop on the cluster, which "
+                       "writes the results itself: SQLite is a file on this machine; use "
+                       "PostgreSQL reachable from the head node (--db postgresql://…), or run "
+                       "`sweep launch --address auto` on the head node")
+
+
+class _StatusPoller(threading.Thread):
+    """Follows trials in the database while Tune runs elsewhere (Ray Client launches).
+
+    A status counts when it changes from what the database said before, so a trial that
+    failed in an earlier round and waits for its retry is not shown as failed again.
+    """
+
+    def __init__(self, engine: Any, sweep: str, progress: Progress, keys: list[str],
+                 interval_s: float = 1.0) -> None:
+        super().__init__(name="sweep-status-poller", daemon=True)
+        self.engine, self.sweep, self.progress, self.keys = engine, sweep, progress, keys
+        self.interval_s = interval_s
+        self.stopped = threading.Event()
+        self.seen = self._read()
+
+    def _read(self) -> dict[str, str]:
+        with session_scope(self.engine) as session:
+            return {k: v[0] for k, v in trial_outcomes(session, self.sweep, self.keys).items()}
+
+    def poll(self) -> None:
+        now = self._read()
+        for key, status in now.items():
+            if status != self.seen.get(key) and status != "pending":
+                self.progress.set(key, status)
+        self.seen = now
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval_s):
+            try:
+                self.poll()
+            except Exception:  # noqa: BLE001 - a missed poll only delays the display
+                continue
+
+    def __enter__(self) -> _StatusPoller:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stopped.set()
+        self.join()
+        # Tune has returned: every trial of the round has its outcome in the database
+        # (a retry that failed again between two polls never looked changed).
+        for key, status in self._read().items():
+            if status != "pending":
+                self.progress.set(key, status)
 
 
 def _trial_name(trial: Any) -> str:
@@ -413,7 +502,7 @@ def _alive_nodes() -> int:
 
 def run(plan_: LaunchPlan, db_url: str, *, max_concurrent: int | None = None,
         address: str | None = None, include_dashboard: bool = True,
-        on_start: Callable[[str | None], None] | None = None,
+        on_start: Callable[[str | None, str], None] | None = None,
         on_change: Callable[[Progress], None] | None = None,
         storage_path: str | None = None,
         on_warning: Callable[[str], None] | None = None) -> LaunchOutcome:
@@ -451,23 +540,24 @@ def run(plan_: LaunchPlan, db_url: str, *, max_concurrent: int | None = None,
             for message in cluster_warnings(_alive_nodes(), db_url, storage,
                                             filesystem_type(storage)):
                 warn(message)
-        if on_start is not None:
-            on_start(url)
-        cluster_gpus = float(ray.cluster_resources().get("GPU", 0))
-        gpus = spec.resources.gpus_per_trial
-        if gpus is None:
-            gpus = 1.0 if cluster_gpus > 0 else 0.0
-        if gpus > cluster_gpus:
-            raise SweepError(f"resources.gpus_per_trial is {gpus:g} but the cluster has "
-                             f"{cluster_gpus:g} GPUs; lower it or add GPU workers")
+        nodes = placement.nodes_of_cluster(ray.nodes())
+        request = placement.trial_resources(spec.resources.gpus_per_trial,
+                                            spec.resources.cpus_per_trial, nodes)
+        where = placement.check_feasible(nodes, request)
+        gpus = request.gpus
         on_cuda = [i for i, m in enumerate(spec.models) if m.device == "cuda"]
         if on_cuda and gpus == 0:
             raise SweepError(f"models[{on_cuda[0]}].device is cuda but trials get no GPU (the "
                              "cluster has none, or resources.gpus_per_trial is 0); use "
                              "device: auto")
+        outcome.placement = placement.describe(where, request,
+                                               max_concurrent or spec.max_concurrent_trials)
+        if on_start is not None:
+            on_start(url, outcome.placement)
         cpus = spec.resources.cpus_per_trial
         sha = git_sha()
-        configs = [dict(t.config, use_gpu=gpus > 0, cpus_per_trial=cpus, git_sha=sha,
+        configs = [dict(t.config, use_gpu=gpus > 0, gpus_per_trial=gpus, cpus_per_trial=cpus,
+                        git_sha=sha,
                         result_dir=plan_.result_dir, driver_cwd=os.getcwd())
                    for t in plan_.to_run]
         progress = Progress([c["trial_key"] for c in configs], on_change)
@@ -475,12 +565,22 @@ def run(plan_: LaunchPlan, db_url: str, *, max_concurrent: int | None = None,
         round_configs = configs
         stamp = time.strftime("%Y%m%d-%H%M%S")
         writer = ResultWriter(engine, spec.name)
+        client = is_client_address(address)
         for round_number in range(1, spec.max_attempts + 1):
-            callback = _results_callback_class()(writer, progress, plan_.result_dir)
-            _tuner(spec, round_configs, cpus, gpus, max_concurrent, callback,
-                   name=f"{spec.name}-{stamp}" + (f"-retry{round_number - 1}"
-                                                   if round_number > 1 else ""),
-                   storage=str(storage)).fit()
+            callback = _results_callback_class()(writer, progress, plan_.result_dir,
+                                                 db_url=db_url if client else None)
+            tuner = _tuner(spec, round_configs, cpus, gpus, max_concurrent, callback,
+                           name=f"{spec.name}-{stamp}" + (f"-retry{round_number - 1}"
+                                                           if round_number > 1 else ""),
+                           storage=str(storage))
+            if client:
+                # Tune runs on the cluster and its copy of the callback writes the
+                # database; this side follows the trials there.
+                with _StatusPoller(engine, spec.name, progress,
+                                   [c["trial_key"] for c in round_configs]):
+                    tuner.fit()
+            else:
+                tuner.fit()
             writer.flush()  # the retry decision reads this round's outcomes
             for config in round_configs:
                 attempts[config["trial_key"]] += 1

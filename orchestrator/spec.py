@@ -232,10 +232,26 @@ class EvaluationSettings(_Strict):
 
 
 class Resources(_Strict):
-    """Per-trial resources; ``gpus_per_trial`` defaults to 1 on a cluster with GPUs, else 0."""
+    """Per-trial resources; ``gpus_per_trial`` defaults to 1 on a cluster with GPUs, else 0.
+
+    A whole number of GPUs is the trial's alone; a fraction below 1 shares one GPU with
+    other trials at the same time, without isolation (see ``orchestrator.placement``).
+    """
 
     gpus_per_trial: float | None = Field(default=None, ge=0)
     cpus_per_trial: float = Field(default=1, gt=0)
+
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _whole_above_one(cls, value: float | None) -> float | None:
+        # Ray hands out whole GPUs above one; a fraction below one shares a GPU.
+        if value is not None and value > 1 and value != int(value):
+            raise ValueError(f"{value:g} GPUs cannot be given to one trial: use a whole "
+                             "number (1, 2, …), or a fraction below 1 to share a GPU")
+        if value is not None and 0 < value < 1 and round(value, 4) != value:
+            raise ValueError(f"{value!r} has more than 4 decimals, Ray's resolution for "
+                             "GPU fractions; round it (e.g. 0.25, 0.3333)")
+        return value
 
 
 class ScoreSettings(_Strict):

@@ -109,12 +109,21 @@ def environment() -> dict[str, Any]:
 # --------------------------------------------------------------------------- caches
 
 
+# What a GPU-less trial hid from CUDA in this process (see _device).
+_hidden_gpus: dict[str, str | None] = {}
+
+
 def _device(config: dict[str, Any]) -> str:
     """The trial's device: its GPU when it was given one (unless the model entry says
     ``device: cpu``), else the CPU; ``device: cuda`` without a GPU is an error."""
     import torch
 
     wanted = (config.get("model") or {}).get("device") or "auto"
+    if config.get("gpus_per_trial") == 0 and "CUDA_VISIBLE_DEVICES" not in _hidden_gpus:
+        # Ray leaves a GPU-less trial the node's GPUs visible; it was given none, so it
+        # must not touch them (nor report them as its hardware).
+        _hidden_gpus["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     has_gpu = bool(config.get("use_gpu")) and torch.cuda.is_available()
     if wanted == "cpu":
         return "cpu"
@@ -181,6 +190,17 @@ def logits_of(model: Any, batch: Any) -> Any:
 
     with torch.inference_mode():
         return model(input_ids=batch).logits.float()
+
+
+def _gpu_evidence(config: dict[str, Any], device: str) -> dict[str, Any]:
+    """The GPUs Ray gave the trial, and whether other trials share them (a fraction)."""
+    requested = float(config.get("gpus_per_trial") or 0)
+    if not requested:
+        return {}
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+    return {"gpus_per_trial": requested, "cuda_visible_devices": visible,
+            # A fraction of a GPU runs beside other trials on it: speed is not isolated.
+            "gpu_shared": requested < 1, "gpu_used": device.startswith("cuda")}
 
 
 # --------------------------------------------------------------------------- evidence
@@ -318,13 +338,18 @@ def run_trial(config: dict[str, Any], deadline: Deadline | None = None) -> dict[
 
     deadline = deadline or Deadline(None, None)
     started = time.perf_counter()
+    started_unix = time.time()
     threads = max(1, int(config.get("cpus_per_trial") or 1))
     torch.set_num_threads(threads)
     torch.manual_seed(int(config.get("seed", 0)))
     device = _device(config)
     evaluation = config["evaluation"]
 
+    loads_before = cache.model_loads()
+    load_started = time.perf_counter()
     loaded = base_model(config, device)
+    load_seconds = time.perf_counter() - load_started
+    loaded_here = cache.model_loads() > loads_before
     data = dataset(config["dataset"], int(config.get("seed", 0)))
     probe = probe_batch(loaded, data.documents(), int(evaluation.get("probe_length", 32)), device)
     probe_key = cache.stable_hash([config["model"], device, probe.tolist()])
@@ -378,7 +403,11 @@ def run_trial(config: dict[str, Any], deadline: Deadline | None = None) -> dict[
             "calibration_reused": bool(method.changes_model and context.cache_hits),
             "device": device,
             "model_loads_in_process": cache.model_loads(),
+            # This trial read its base model from disk (else the process had it already).
+            "model_loaded": loaded_here,
+            "model_load_seconds": load_seconds if loaded_here else 0.0,
             "pid": os.getpid(),
+            **_gpu_evidence(config, device),
         },
     }
     if method.changes_model and identical:
@@ -395,20 +424,28 @@ def run_trial(config: dict[str, Any], deadline: Deadline | None = None) -> dict[
 
     metrics: dict[str, dict[str, Any]] = {}
     batches: dict[str, dict[str, Any]] = {}
+    evaluation_seconds: dict[str, float] = {}
     registry = evaluators()
     # A dataset may name its own evaluators (a multiple-choice set has no perplexity).
     for name in config["dataset"].get("metrics") or evaluation["metrics"]:
         info = registry[name]
+        evaluation_started = time.perf_counter()
         with deadline.evaluation(name):
             values, batch = run_with_backoff(
                 lambda settings, info=info: info.evaluate(
                     variant, loaded.tokenizer, data, settings, device=device,
                     processor=getattr(loaded, "processor", None)),
                 evaluation, info.batch_setting, name)
+        evaluation_seconds[name] = time.perf_counter() - evaluation_started
         batches[name] = batch.as_dict()
         for metric, value in values.items():
             metrics[metric] = {"value": value, "direction": info.metrics.get(metric)}
     evidence["details"]["evaluation"] = batches
+    # Pure evaluation time per evaluator (OOM retries included): with method_seconds, what
+    # the trial could not have saved; the rest of duration_s is loading and checking.
+    evidence["details"]["evaluation_seconds"] = evaluation_seconds
+    # When the trial held its resources (epoch seconds), e.g. to check GPU sharing.
+    evidence["details"]["wall_clock"] = {"start": started_unix, "end": time.time()}
     metrics["params"] = {"value": float(evidence["params_after"]),
                          "direction": MODEL_METRICS["params"]}
     metrics["size_mb"] = {"value": evidence["details"]["bytes_after"] / 2**20,

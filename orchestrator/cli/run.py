@@ -81,6 +81,7 @@ def launch(
         return
     if address is None:
         service.check_local_resources(spec)
+    service.check_address(address, db_url)
     planned = service.plan(spec, str(spec_path), db_url, retry_failed=retry_failed,
                            storage_path=storage_path)
     skipped = len(planned.trials) - len(planned.to_run) - len(planned.busy)
@@ -135,6 +136,27 @@ def _storage_directory(value: str) -> str:
     return str(path)
 
 
+def watch_hint(sweep: str, db_url: str) -> str:
+    """The ``sweep status --watch`` command that follows this sweep from another terminal.
+
+    A URL with a password is not printed with it: the command then reads the database from
+    ``SWEEP_DB_URL``, which the other terminal sets (the hint shows the URL, password hidden).
+    """
+    import shlex
+
+    from sqlalchemy.engine import make_url
+
+    from orchestrator.db.engine import DEFAULT_URL, redact_url
+
+    watch = ["status", "--sweep", sweep, "--watch"]
+    if db_url == DEFAULT_URL:
+        return shlex.join(["sweep", *watch])
+    if make_url(db_url).password:
+        return (shlex.join(["sweep", *watch])
+                + f"  (with SWEEP_DB_URL={redact_url(db_url)} set, password filled in)")
+    return shlex.join(["sweep", "--db", db_url, *watch])
+
+
 def _run_with_progress(service, planned, db_url, console, max_concurrent, address, dashboard,
                        storage_path=None):
     from rich.markup import escape
@@ -152,11 +174,15 @@ def _run_with_progress(service, planned, db_url, console, max_concurrent, addres
                               "failed {task.fields[failed]}"),
                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                    console=console, transient=False)
+    watch_command = watch_hint(planned.spec.name, db_url)
     task = bar.add_task(planned.spec.name, total=len(planned.to_run), done=0, running=0, failed=0)
 
-    def on_start(url: str | None) -> None:
+    def on_start(url: str | None, placement: str) -> None:
+        console.print(f"running {placement}", highlight=False, soft_wrap=True)
         if url:
             console.print(f"Ray dashboard: [link={url}]{url}[/link]")
+        console.print(f"follow it from another terminal: {escape(watch_command)}",
+                      highlight=False, soft_wrap=True)
         bar.start()
 
     def on_change(progress) -> None:

@@ -141,3 +141,15 @@ def test_every_example_spec_is_valid():
     for path in paths:
         loaded = spec.load(path, check_sources=False)
         assert spec.expand(loaded), path
+
+
+def test_launch_prints_the_watch_command_without_the_password():
+    from orchestrator.cli.run import watch_hint
+
+    assert watch_hint("s4", "sqlite:///sweeps.db") == "sweep status --sweep s4 --watch"
+    assert watch_hint("s4", "sqlite:////data/my runs.db") == (
+        "sweep --db 'sqlite:////data/my runs.db' status --sweep s4 --watch")
+    hint = watch_hint("s4", "postgresql+psycopg://sweep:hunter2@db:5432/sweeps")
+    assert "hunter2" not in hint
+    assert hint.startswith("sweep status --sweep s4 --watch  (with SWEEP_DB_URL="
+                           "postgresql+psycopg://sweep:***@db:5432/sweeps set")

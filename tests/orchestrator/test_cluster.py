@@ -135,7 +135,8 @@ def _stop(groups: list[int], directory: Path) -> None:
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    """A head (resource ``node_a``) and a worker node (``node_b``), one CPU each."""
+    """A head (resource ``node_a``) and a worker node (``node_b``), one CPU and one
+    (declared) GPU each: GPU 0 on the head, GPU 3 on the worker node."""
     if shutil.which(str(RAY)) is None:
         pytest.skip(f"no ray CLI at {RAY}")
     # Short: Ray's unix sockets live under the temp dirs (path length limit ~107).
@@ -145,7 +146,12 @@ def two_nodes():
                # 0 confines Ray to one node (the loopback setting of local runs); a cluster
                # of two raylets needs it on.
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1")
-    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--num-gpus", "0",
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    # One GPU per node, declared: Ray schedules and assigns declared GPUs like real ones
+    # (torch finds none, so the trials compute on the CPU). Node b's CUDA_VISIBLE_DEVICES
+    # names its GPU 3: Ray must hand that id to its trials.
+    node_env = {"a": env, "b": dict(env, CUDA_VISIBLE_DEVICES="3")}
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--num-gpus", "1",
               "--disable-usage-stats"]
     commands = {
         "a": [str(RAY), "start", "--head", "--port", str(gcs), "--include-dashboard=false",
@@ -161,7 +167,7 @@ def two_nodes():
         for node, command in commands.items():
             # A new session per `ray start`: its daemons stay in that process group, which
             # the finaliser kills without touching any other Ray on this machine.
-            proc = subprocess.Popen(command, env=env, cwd=root, start_new_session=True,
+            proc = subprocess.Popen(command, env=node_env[node], cwd=root, start_new_session=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             groups.append(proc.pid)
             try:
@@ -171,7 +177,8 @@ def two_nodes():
             if proc.returncode != 0:
                 pytest.skip(f"cannot start Ray node {node} here: "
                             f"{output.strip().splitlines()[-1:]}")
-        yield {"address": f"127.0.0.1:{gcs}", "root": root, "env": env}
+        yield {"address": f"127.0.0.1:{gcs}", "client": f"ray://127.0.0.1:{client}",
+               "root": root, "env": env}
     finally:
         _stop(groups, root)
         deadline = time.monotonic() + 10
@@ -222,7 +229,134 @@ def test_sweep_runs_on_both_nodes_and_warns_about_sqlite_and_local_storage(
         assert len(trials) == 4
         assert [t.status for t in trials] == ["done"] * 4, [
             (t.method, t.rate, t.status, t.error_message) for t in trials]
-        pids = {t.evidence.details["pid"] for t in trials}
+        ran = [(t.evidence.details, t.gpus) for t in trials]
+    pids = {details["pid"] for details, _ in ran}
     nodes = {pid: _node_of(pid, two_nodes["root"]) for pid in pids}
     assert all(len(found) == 1 for found in nodes.values()), nodes
     assert set().union(*nodes.values()) == {"a", "b"}, nodes
+
+    # GPU claiming: gpus_per_trial defaults to 1 on a cluster with GPUs; each trial got its
+    # node's GPU (node b's by the id its CUDA_VISIBLE_DEVICES gave), saw only that GPU, and
+    # no two trials held one GPU at the same time.
+    assert "up to 2 trials at once on 2 nodes (1 GPU, 1 CPU each)" in out.stderr, out.stderr
+    for details, gpus in ran:
+        [node] = nodes[details["pid"]]
+        assert gpus == {"a": "0", "b": "3"}[node], (node, gpus)
+        assert details["gpus_per_trial"] == 1 and details["gpu_shared"] is False
+        assert details["cuda_visible_devices"] == [gpus]
+        assert details["gpu_used"] is False  # declared GPUs: torch has no CUDA here
+    assert not _overlapping_on_one_gpu([(gpus, d["wall_clock"]) for d, gpus in ran])
+
+
+def _overlapping_on_one_gpu(held: list[tuple[str, dict]]) -> list[tuple]:
+    """Pairs of trials that held the same GPU at the same time."""
+    return [(g1, c1, g2, c2) for i, (g1, c1) in enumerate(held) for g2, c2 in held[i + 1:]
+            if g1 == g2 and c1["start"] < c2["end"] and c2["start"] < c1["end"]]
+
+
+def _launch(two_nodes: dict, tmp_path: Path, data: dict) -> subprocess.CompletedProcess:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(data))
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli.main", "--db",
+         f"sqlite:///{tmp_path / 'results.db'}", "launch", str(spec),
+         "--address", two_nodes["address"], "--storage-path", str(tmp_path / "tune"),
+         "--format", "json"],
+        capture_output=True, text=True, cwd=ROOT, timeout=240,
+        env=dict(two_nodes["env"], COLUMNS="80"))
+
+
+@pytest.mark.slow
+def test_a_fraction_of_a_gpu_shares_it_and_says_so(two_nodes, tiny_llama_dir, tmp_path):
+    from sqlalchemy import select
+
+    from orchestrator.db.engine import ensure_schema, session_scope
+    from orchestrator.db.models import Trial
+
+    data = dict(SPEC, name="shared-gpus", max_concurrent_trials=4,
+                resources={"gpus_per_trial": 0.5, "cpus_per_trial": 0.5})
+    out = _launch(two_nodes, tmp_path, data)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert ("up to 4 trials at once on 2 nodes (0.5 GPUs, 0.5 CPU each); 2 trials share "
+            "each GPU, unisolated") in out.stderr
+    engine = ensure_schema(f"sqlite:///{tmp_path / 'results.db'}", create=False)
+    with session_scope(engine) as session:
+        trials = session.scalars(select(Trial)).all()
+        assert [t.status for t in trials] == ["done"] * 4
+        held = [(t.gpus, t.evidence.details["wall_clock"]) for t in trials]
+        assert all(t.evidence.details["gpu_shared"] is True for t in trials)
+    assert {gpus for gpus, _ in held} <= {"0", "3"}
+
+
+@pytest.mark.slow
+def test_more_gpus_than_any_node_has_is_refused_before_anything_runs(two_nodes, tmp_path):
+    data = dict(SPEC, name="too-many-gpus", resources={"gpus_per_trial": 2})
+    out = _launch(two_nodes, tmp_path, data)
+    assert out.returncode == 2, out.stderr[-3000:]
+    [error] = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert error == ("error: resources.gpus_per_trial is 2 but no node has that many GPUs (at "
+                     "most 1 on one node, 2 in the cluster; a trial runs on one node); lower it "
+                     "or add a node with more GPUs")
+    assert "Traceback" not in out.stderr
+
+
+@pytest.fixture
+def postgres_db(postgres_admin_url):
+    """A fresh database on the session's PostgreSQL server."""
+    import uuid
+
+    from sqlalchemy import create_engine, make_url
+
+    from orchestrator.db.engine import dispose_engines
+
+    name = f"cluster_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(postgres_admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield make_url(postgres_admin_url).set(database=name).render_as_string(
+            hide_password=False)
+    finally:
+        dispose_engines()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+@pytest.mark.slow
+def test_ray_client_launch_runs_tune_on_the_cluster_and_records_every_trial(
+        two_nodes, tiny_llama_dir, tmp_path, postgres_db):
+    """With ``ray://``, Tune runs on the head node: its copy of the results callback writes
+    PostgreSQL there, and the launch follows the trials through the database."""
+    from orchestrator import queries
+    from orchestrator.db.engine import ensure_schema, session_scope
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(dict(SPEC, name="client-mode")))
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli.main", "--db", postgres_db, "launch",
+         str(spec), "--address", two_nodes["client"], "--storage-path", str(tmp_path / "tune"),
+         "--format", "json"],
+        capture_output=True, text=True, cwd=ROOT, timeout=240,
+        env=dict(two_nodes["env"], COLUMNS="80"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ran 4 trials" in out.stderr and "4 done, 0 failed" in out.stderr, out.stderr
+    engine = ensure_schema(postgres_db, create=False)
+    with session_scope(engine) as session:
+        [status] = queries.sweep_status(session, "client-mode")
+        rows = queries.leaderboard(session, metric="perplexity", sweep="client-mode")
+    assert status["counts"]["done"] == 4 and status["counts"]["running"] == 0
+    assert len(rows) == 4 and all(r["metrics"]["perplexity"] > 1 for r in rows)
+
+
+def test_ray_client_with_sqlite_is_refused_before_anything_is_written(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(SPEC))
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli.main", "--db", f"sqlite:///{tmp_path / 'r.db'}",
+         "launch", str(spec), "--address", "ray://head.example:10001"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120, env=dict(os.environ, COLUMNS="200"))
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: --address ray://head.example:10001 runs the sweep's Tune")
+    assert out.stderr.strip().count("\n") == 0 and "PostgreSQL" in out.stderr
+    assert not (tmp_path / "r.db").exists()

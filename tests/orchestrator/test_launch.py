@@ -100,6 +100,23 @@ def test_evidence_environment_and_metrics_stored(small_sweep):
             else:
                 assert t.evidence.max_abs_dlogits > 0
         assert all(t.environment.git_sha == trials[0].environment.git_sha for t in trials)
+        # Where the time went: each evaluator's own time, within the trial's duration.
+        for t in trials:
+            details = t.evidence.details
+            assert set(details["evaluation_seconds"]) == {"perplexity", "speed"}
+            spent = sum(details["evaluation_seconds"].values()) + details["method_seconds"]
+            assert 0 < spent < t.duration_s
+            clock = details["wall_clock"]
+            assert 0 < clock["end"] - clock["start"] <= t.duration_s + 1e-3
+        # At most one model load per worker process: the trial that loaded it says so (the
+        # failed trial, which has no evidence, may have been a process's first).
+        by_process: dict[int, list] = {}
+        for t in trials:
+            by_process.setdefault(t.evidence.details["pid"], []).append(t.evidence.details)
+        loads = [sum(d["model_loaded"] for d in details) for details in by_process.values()]
+        assert max(loads) == 1 and sum(loads) >= 1, loads
+        assert all((d["model_load_seconds"] > 0) == d["model_loaded"]
+                   for details in by_process.values() for d in details)
 
 
 def test_relaunch_reruns_nothing(small_sweep, tmp_path):
