@@ -482,7 +482,8 @@ def cluster_warnings(nodes: int, db_url: str, storage_path: str | Path,
         warnings.append(
             f"the results database is SQLite, a file on this machine, on a cluster of {nodes} "
             "nodes: only this driver writes it, so the sweep works, but other machines cannot "
-            "read the results; use PostgreSQL (--db postgresql://…, see README: Running on a cluster)")
+            "read the results; use PostgreSQL (--db postgresql://…, see README: Running on "
+            "a cluster)")
     storage = str(storage_path)
     if "://" not in storage and storage_filesystem not in SHARED_FILESYSTEMS:
         kind = f" ({storage_filesystem})" if storage_filesystem else ""

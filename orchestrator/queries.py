@@ -675,3 +675,52 @@ def trial_outcomes(session: Session, sweep: str, trial_keys: list[str]) -> dict[
         ).all()
         out.update({key: (status, reason) for key, status, reason in rows})
     return out
+
+
+def sweep_costs(session: Session, sweep: str) -> dict[str, Any]:
+    """Where a sweep's time went and what it read twice, from its finished trials' evidence.
+
+    ``model_loads`` counts trials that read their base model from disk (the others found
+    it in their worker process); ``worker_processes`` the distinct (host, pid) that ran
+    trials; ``max_loads_per_model_process`` the most loads of one model in one process
+    (1 when nothing was read twice). ``calibrations``: calibration statistics computed, by
+    the ``calibrating_trials`` (trials that computed or reused some).
+    Seconds are sums over trials: ``trial_seconds`` (each trial's whole run in its worker),
+    ``model_load_seconds``, ``method_seconds`` and ``evaluation_seconds``. Trials recorded
+    before these figures existed count as ``trials_without_figures``.
+    """
+    from orchestrator.db.models import Evidence
+
+    rows = session.execute(
+        select(Trial.model, Trial.host, Trial.duration_s, Evidence.details)
+        .join(Sweep, Trial.sweep_id == Sweep.id).join(Evidence, Evidence.trial_id == Trial.id)
+        .where(Sweep.name == sweep, Trial.status == "done")
+    ).all()
+    out: dict[str, Any] = {
+        "trials": len(rows), "trials_without_figures": 0, "model_loads": 0,
+        "worker_processes": 0, "max_loads_per_model_process": 0, "calibrations": 0,
+        "calibrating_trials": 0, "trial_seconds": 0.0, "model_load_seconds": 0.0,
+        "method_seconds": 0.0, "evaluation_seconds": 0.0,
+    }
+    loads: dict[tuple, int] = defaultdict(int)
+    processes = set()
+    for model, host, duration, details in rows:
+        details = details or {}
+        out["trial_seconds"] += duration or 0.0
+        out["method_seconds"] += details.get("method_seconds") or 0.0
+        if "model_loaded" not in details:
+            out["trials_without_figures"] += 1
+            continue
+        process = (host, details.get("pid"))
+        processes.add(process)
+        loads[(model, *process)] += bool(details["model_loaded"])
+        out["model_loads"] += bool(details["model_loaded"])
+        out["model_load_seconds"] += details.get("model_load_seconds") or 0.0
+        out["evaluation_seconds"] += sum((details.get("evaluation_seconds") or {}).values())
+        computed = details.get("calibrations_computed") or 0
+        if computed or details.get("calibration_reused"):
+            out["calibrating_trials"] += 1
+            out["calibrations"] += computed
+    out["worker_processes"] = len(processes)
+    out["max_loads_per_model_process"] = max(loads.values(), default=0)
+    return out

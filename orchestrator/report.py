@@ -95,6 +95,22 @@ def environments_section(trials: list[Trial]) -> str:
     return "\n".join(parts)
 
 
+def describe_costs(costs: dict[str, Any]) -> str:
+    """One line on what a sweep read from disk and where its trials' time went."""
+    if not costs["trials"]:
+        return "no finished trial yet"
+    line = (f"{costs['model_loads']} model load(s) in {costs['worker_processes']} worker "
+            f"process(es) (at most {costs['max_loads_per_model_process']} per model per "
+            f"process), {costs['calibrations']} calibration(s) computed for "
+            f"{costs['calibrating_trials']} calibrating trial(s); trial time "
+            f"{costs['trial_seconds']:.1f} s: evaluators {costs['evaluation_seconds']:.1f} s, "
+            f"methods {costs['method_seconds']:.1f} s, model loading "
+            f"{costs['model_load_seconds']:.1f} s")
+    if costs["trials_without_figures"]:
+        line += f" ({costs['trials_without_figures']} older trial(s) without these figures)"
+    return line
+
+
 def failures_section(trials: list[Trial]) -> str:
     """The failed and timed-out trials, with their reason and the first line of the error."""
     rows = []
@@ -242,7 +258,8 @@ def write_report(session: Session, sweep_name: str, out: Path, *,
     spec_text = yaml.safe_dump(sweep.spec, sort_keys=False, allow_unicode=True).rstrip()
     where = f"Launched from `{sweep.spec_path}`.\n\n" if sweep.spec_path else ""
     section("Spec", f"{where}```yaml\n{spec_text}\n```")
-    section("Environment", environments_section(trials))
+    section("Environment", environments_section(trials) + "\n\n**Cost of the finished "
+            "trials:** " + describe_costs(queries.sweep_costs(session, sweep.name)) + ".")
     section("Leaderboard", leaderboard_section(session, sweep))
 
     default_references = Path("sweeps/references")

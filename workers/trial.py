@@ -401,6 +401,8 @@ def run_trial(config: dict[str, Any], deadline: Deadline | None = None) -> dict[
             "probe_tokens": int(probe.shape[1]),
             "method_seconds": method_seconds,
             "calibration_reused": bool(method.changes_model and context.cache_hits),
+            # Calibration statistics this trial computed (0 when reused or not needed).
+            "calibrations_computed": context.cache_misses if method.changes_model else 0,
             "device": device,
             "model_loads_in_process": cache.model_loads(),
             # This trial read its base model from disk (else the process had it already).

@@ -110,6 +110,8 @@ def launch(
         retried = f" ({outcome.retried} retries)" if outcome.retried else ""
         console.print(f"ran {outcome.ran} trials in {outcome.seconds:.0f} s{retried}: "
                       f"{outcome.done} done, {outcome.failed} failed or timed out")
+        console.print(f"sweep {spec.name}: {_costs_line(db_url, spec.name)}", highlight=False,
+                      soft_wrap=True)
     from orchestrator.cli.results import print_leaderboard
 
     print_leaderboard(db_url, metric="score", sweep=spec.name, fmt=fmt, top=None,
@@ -120,6 +122,15 @@ def launch(
         console.print(f"[red]{outcome.failed} trial(s) failed[/]: see `sweep status --sweep "
                       f"{spec.name}`")
         sys.exit(1)
+
+
+def _costs_line(db_url: str, sweep: str) -> str:
+    from orchestrator import queries
+    from orchestrator.db.engine import ensure_schema, session_scope
+    from orchestrator.report import describe_costs
+
+    with session_scope(ensure_schema(db_url, create=False)) as session:
+        return describe_costs(queries.sweep_costs(session, sweep))
 
 
 def _storage_directory(value: str) -> str:

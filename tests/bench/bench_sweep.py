@@ -36,6 +36,11 @@ One run measures, side by side on the same 12-trial grid (``builtin:tiny-llama``
    model per process. Calibration: ``details.calibration_reused`` per trial gives how often
    each worker process calibrated each calibrating method; target one.
 
+5. *Ray's floor*: a child process that starts Ray the way ``sweep launch`` does, runs as
+   many empty Tune trials as the sweep runs at once (each only imports ``workers.trial``)
+   and shuts Ray down: the fixed cost no sweep on this machine goes below. ``(launch −
+   floor) / ideal`` is what the sweep adds beyond it.
+
 Every figure is printed with its target and ``met`` / ``missed``; a missed target does not
 fail the run (a shared 2-core machine is noisy). The run does fail (exit 1) when the launch
 fails, a trial fails, or the script's perplexities differ from the sweep's (relative
@@ -329,7 +334,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="launch with --no-dashboard (default: the users' default)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--script-only", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--floor-only", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def _floor_trial(config: dict[str, Any]) -> None:
+    from ray import tune
+
+    import workers.trial  # noqa: F401 - what every trial's worker process imports first
+
+    tune.report({"done": 1})
+
+
+def floor_main(concurrency: int, dashboard: bool) -> int:
+    """The ``--floor-only`` child: what Ray and Tune cost with no work at all.
+
+    The launch's own steps around the trials: import the CLI's modules, start a local Ray
+    as ``sweep launch`` does (``launch.start_ray``), run ``concurrency`` Tune trials that
+    only import ``workers.trial`` (a worker's first import) in ``concurrency`` actors, shut
+    Ray down. Printed as one figure: no sweep can go below it on this machine.
+    """
+    from ray import tune
+
+    from orchestrator import launch
+    from orchestrator.cli import main as _cli  # noqa: F401 - the CLI's imports
+
+    launch.start_ray(None, include_dashboard=dashboard)
+    import ray
+
+    storage = Path(tempfile.mkdtemp(prefix="bench-floor-"))
+    tune.Tuner(tune.with_resources(_floor_trial, {"cpu": 1}),
+               param_space={"i": tune.grid_search(list(range(concurrency)))},
+               tune_config=tune.TuneConfig(max_concurrent_trials=concurrency,
+                                           reuse_actors=True),
+               run_config=tune.RunConfig(storage_path=str(storage), verbose=0)).fit()
+    ray.shutdown()
+    return 0
 
 
 def script_main(spec_path: Path, threads: int | None) -> int:
@@ -347,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.script_only is not None:
         return script_main(args.script_only, args.script_threads)
+    if args.floor_only:
+        return floor_main(args.concurrency, not args.no_dashboard)
 
     import yaml
 
@@ -410,6 +452,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[3] pure evaluation pass (1 thread): "
           f"{sum(r['method_s'] + r['eval_s'] for r in pure):.1f} s of work; {load_avg()}",
           flush=True)
+
+    # 4. Ray's floor: start, trivial trials in as many worker processes, shutdown
+    command = [sys.executable, str(Path(__file__).resolve()), "--floor-only",
+               "--concurrency", str(concurrency)] + (["--no-dashboard"] if args.no_dashboard
+                                                     else [])
+    started = time.perf_counter()
+    child = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True,
+                           check=False)
+    floor_s = time.perf_counter() - started
+    if child.returncode != 0:
+        print("the Ray floor run failed:", child.stdout[-3000:], child.stderr[-3000:], sep="\n")
+        return 1
+    print(f"[4] Ray/Tune floor (start, {concurrency} empty trials, shutdown): {floor_s:.1f} s; "
+          f"{load_avg()}", flush=True)
 
     # same work? the perplexities must agree across the three
     by_key = {r["trial_key"]: r for r in db_rows}
@@ -512,6 +568,10 @@ def main(argv: list[str] | None = None) -> int:
          f"{ideal_db:.1f} s", "", ""],
         ["launch / ideal", f"{launch_s / ideal:.2f}x", f"<= {IDEAL_TARGET}x",
          verdict(launch_s <= IDEAL_TARGET * ideal)],
+        ["Ray/Tune floor: start-up, empty trials, shutdown", f"{floor_s:.1f} s", "", ""],
+        ["(launch - floor) / ideal: what the sweep adds beyond Ray's fixed cost",
+         f"{(launch_s - floor_s) / ideal:.2f}x", f"<= {IDEAL_TARGET}x",
+         verdict(launch_s - floor_s <= IDEAL_TARGET * ideal)],
         ["first trial start to last result / ideal (without start-up and shutdown)",
          f"{span / ideal:.2f}x", f"<= {IDEAL_TARGET}x", verdict(span <= IDEAL_TARGET * ideal)],
         ["orchestration overhead per trial", f"{overhead:.2f} s",

@@ -225,3 +225,29 @@ def test_cli_launch_starts_its_own_local_ray(tmp_path, session_dir, tiny_llama_d
     assert "drop_layers" in first.stdout and "baseline" in first.stdout
     second = cli("--db", url, "launch", str(path), env_extra=env)
     assert second.returncode == 0 and "nothing to run" in second.stderr
+
+
+def test_sweep_costs_count_loads_calibrations_and_time(small_sweep):
+    """3 finished trials (baseline, drop_layers 0.25, head_mask 0.5) on 2 worker processes:
+    each process read the model at most once; only head_mask calibrates, once."""
+    from sqlalchemy import select
+
+    from orchestrator.db.models import Trial
+    from orchestrator.report import describe_costs
+
+    engine = ensure_schema(small_sweep["url"], create=False)
+    with session_scope(engine) as session:
+        costs = queries.sweep_costs(session, "small")
+        durations = [t.duration_s for t in session.scalars(
+            select(Trial).where(Trial.status == "done"))]
+    assert costs["trials"] == 3 and costs["trials_without_figures"] == 0
+    assert 1 <= costs["worker_processes"] <= 3
+    assert costs["max_loads_per_model_process"] == 1
+    assert 1 <= costs["model_loads"] <= costs["worker_processes"]
+    assert (costs["calibrations"], costs["calibrating_trials"]) == (1, 1)
+    assert costs["trial_seconds"] == pytest.approx(sum(durations))
+    assert 0 < costs["evaluation_seconds"] + costs["method_seconds"] < costs["trial_seconds"]
+    line = describe_costs(costs)
+    assert line.startswith(f"{costs['model_loads']} model load(s) in "
+                           f"{costs['worker_processes']} worker process(es)")
+    assert "1 calibration(s) computed for 1 calibrating trial(s)" in line

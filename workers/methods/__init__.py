@@ -86,7 +86,8 @@ class MethodContext:
     processor for vision-language models. ``cached(key, compute)`` keeps what ``compute``
     returns for the life of the worker process under ``key`` (extended with
     ``model_key``, which names the base model and device), so calibration statistics are
-    computed once for all rates of a sweep; ``cache_hits`` counts reuses for the evidence.
+    computed once for all rates of a sweep; ``cache_hits`` counts reuses and ``cache_misses``
+    computations, for the evidence.
     """
 
     tokenizer: Any
@@ -99,6 +100,7 @@ class MethodContext:
     model_key: str = ""
     _cache: dict[str, Any] = field(default_factory=dict)
     cache_hits: int = 0
+    cache_misses: int = 0
 
     def cached(self, key: Any, compute: Callable[[], Any]) -> Any:
         """``compute()``, or what it returned before for the same ``key`` and base model."""
@@ -108,6 +110,7 @@ class MethodContext:
         if full in self._cache:
             self.cache_hits += 1
             return self._cache[full]
+        self.cache_misses += 1
         value = compute()
         self._cache[full] = value
         return value
