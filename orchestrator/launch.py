@@ -88,21 +88,39 @@ def local_ray_environment() -> None:
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
 
 
-def storage_dir(storage_path: str | None = None) -> Path:
-    """Where Tune keeps experiment state (and workers their result files)."""
+def storage_dir(storage_path: str | None = None) -> Path | str:
+    """Where Tune keeps experiment state (and workers their result files): a directory, or
+    a URI (``s3://…``) as given."""
     from workers.cache import cache_dir
 
+    if storage_path and result_files.is_uri(storage_path):
+        return storage_path
     return Path(storage_path) if storage_path else cache_dir() / "tune"
 
 
-def result_dir(db_url: str, sweep: str, storage_path: str | None = None) -> Path:
-    """The result-file directory of one sweep in one database.
+def result_dir(db_url: str, sweep: str, storage_path: str | None = None) -> Path | str:
+    """The result-file directory (or URI) of one sweep in one database.
 
     Keyed by the database (without its password) so that two databases holding a sweep of
     the same name never ingest each other's results.
     """
     database = hashlib.sha256(redact_url(db_url).encode()).hexdigest()[:16]
-    return storage_dir(storage_path) / "results" / database / sweep
+    storage = storage_dir(storage_path)
+    if isinstance(storage, str):
+        return result_files.uri_join(storage, "results", database, sweep)
+    return storage / "results" / database / sweep
+
+
+def check_storage_uri(uri: str) -> None:
+    """Refuse a storage URI pyarrow cannot open (bad scheme, malformed options)."""
+    try:
+        from pyarrow import fs
+
+        fs.FileSystem.from_uri(uri)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several kinds
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInput(f"--storage-path {uri}: {first}; give a directory, or a URI such as "
+                       "s3://bucket/dir (options in its query, e.g. ?region=eu-west-1)") from exc
 
 
 def check_local_resources(spec: spec_module.SweepSpec) -> None:
@@ -535,11 +553,12 @@ def run(plan_: LaunchPlan, db_url: str, *, max_concurrent: int | None = None,
         started_here, url = start_ray(address, include_dashboard)
         outcome.dashboard_url = url
         storage = storage_dir(storage_path)
-        storage.mkdir(parents=True, exist_ok=True)
+        if isinstance(storage, Path):
+            storage.mkdir(parents=True, exist_ok=True)
         if address is not None:  # a local Ray is one node
             warn = on_warning or logging.getLogger(__name__).warning
-            for message in cluster_warnings(_alive_nodes(), db_url, storage,
-                                            filesystem_type(storage)):
+            kind = filesystem_type(storage) if isinstance(storage, Path) else None
+            for message in cluster_warnings(_alive_nodes(), db_url, storage, kind):
                 warn(message)
         nodes = placement.nodes_of_cluster(ray.nodes())
         request = placement.trial_resources(spec.resources.gpus_per_trial,

@@ -139,3 +139,14 @@ def postgres_admin_url():
         pytest.skip(f"no PostgreSQL 15: {PG_BIN / 'initdb'} absent")
     with running_postgres() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A local S3 endpoint (moto's server) with an empty bucket, for the session."""
+    from s3_server import have_moto, running_s3
+
+    if not have_moto():
+        pytest.skip("moto[server] is not installed (the dev extra has it)")
+    with running_s3() as server:
+        yield server

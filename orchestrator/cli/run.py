@@ -50,9 +50,10 @@ def launch(
     dashboard: bool = typer.Option(True, "--dashboard/--no-dashboard",
                                    help="Start the Ray dashboard with a local Ray."),
     storage_path: str = typer.Option(
-        None, "--storage-path", metavar="DIR",
+        None, "--storage-path", metavar="DIR|URI",
         help="Directory for Tune state and workers' result files (default: the cache); on a "
-             "cluster, a shared filesystem mounted at the same path on every node."),
+             "cluster, a shared filesystem mounted at the same path on every node, or an "
+             "object store URI such as s3://bucket/dir."),
     fmt: Format = typer.Option(Format.table, "--format", help="Format of the final leaderboard."),
 ) -> None:
     """Run a sweep: every trial not already done in the database runs on Ray Tune."""
@@ -134,13 +135,15 @@ def _costs_line(db_url: str, sweep: str) -> str:
 
 
 def _storage_directory(value: str) -> str:
-    """``--storage-path`` as an absolute directory (workers on other nodes get it verbatim)."""
+    """``--storage-path`` as an absolute directory (workers on other nodes get it verbatim),
+    or a URI pyarrow can open (``s3://bucket/dir``)."""
     from orchestrator.errors import BadInput
 
     if "://" in value:
-        raise BadInput(f"--storage-path {value}: URIs are not supported (workers write result "
-                       "files with plain file I/O); give a directory, on a cluster one on a "
-                       "shared filesystem mounted at the same path on every node")
+        from orchestrator.launch import check_storage_uri
+
+        check_storage_uri(value)
+        return value
     path = Path(value).expanduser().resolve()
     if path.exists() and not path.is_dir():
         raise BadInput(f"--storage-path {value} is a file; give a directory")

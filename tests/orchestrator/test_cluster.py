@@ -74,15 +74,15 @@ def test_filesystem_type_reads_the_mount_table():
     assert launch.filesystem_type("/") is not None
 
 
-def test_storage_path_uri_is_refused_in_one_line(tmp_path):
+def test_storage_path_uri_pyarrow_cannot_open_is_refused_in_one_line(tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(SPEC))
     out = subprocess.run(
         [sys.executable, "-m", "orchestrator.cli.main", "--db", f"sqlite:///{tmp_path / 'r.db'}",
-         "launch", str(spec), "--storage-path", "s3://bucket/tune"],
+         "launch", str(spec), "--storage-path", "nosuch://bucket/tune"],
         capture_output=True, text=True, cwd=ROOT, timeout=120, env=dict(os.environ, COLUMNS="200"))
     assert out.returncode == 2
-    assert out.stderr.strip().count("\n") == 0 and "--storage-path" in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "--storage-path nosuch://" in out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "r.db").exists()
 
