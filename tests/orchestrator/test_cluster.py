@@ -74,17 +74,23 @@ def test_filesystem_type_reads_the_mount_table():
     assert launch.filesystem_type("/") is not None
 
 
-def test_storage_path_uri_pyarrow_cannot_open_is_refused_in_one_line(tmp_path):
+def refused_launch(tmp_path: Path, *options: str) -> str:
+    """Launch with ``options``; assert a one-line error, exit 2, nothing written; its text."""
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(SPEC))
     out = subprocess.run(
         [sys.executable, "-m", "orchestrator.cli.main", "--db", f"sqlite:///{tmp_path / 'r.db'}",
-         "launch", str(spec), "--storage-path", "nosuch://bucket/tune"],
+         "launch", str(spec), *options],
         capture_output=True, text=True, cwd=ROOT, timeout=120, env=dict(os.environ, COLUMNS="200"))
     assert out.returncode == 2
-    assert out.stderr.strip().count("\n") == 0 and "--storage-path nosuch://" in out.stderr
-    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr
     assert not (tmp_path / "r.db").exists()
+    return out.stderr
+
+
+def test_storage_path_uri_pyarrow_cannot_open_is_refused_in_one_line(tmp_path):
+    error = refused_launch(tmp_path, "--storage-path", "nosuch://bucket/tune")
+    assert "--storage-path nosuch://" in error
 
 
 # --------------------------------------------------------------------------- the cluster
@@ -350,13 +356,6 @@ def test_ray_client_launch_runs_tune_on_the_cluster_and_records_every_trial(
 
 
 def test_ray_client_with_sqlite_is_refused_before_anything_is_written(tmp_path):
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump(SPEC))
-    out = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli.main", "--db", f"sqlite:///{tmp_path / 'r.db'}",
-         "launch", str(spec), "--address", "ray://head.example:10001"],
-        capture_output=True, text=True, cwd=ROOT, timeout=120, env=dict(os.environ, COLUMNS="200"))
-    assert out.returncode == 2
-    assert out.stderr.startswith("error: --address ray://head.example:10001 runs the sweep's Tune")
-    assert out.stderr.strip().count("\n") == 0 and "PostgreSQL" in out.stderr
-    assert not (tmp_path / "r.db").exists()
+    error = refused_launch(tmp_path, "--address", "ray://head.example:10001")
+    assert error.startswith("error: --address ray://head.example:10001 runs the sweep's Tune")
+    assert "PostgreSQL" in error
