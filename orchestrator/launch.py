@@ -640,10 +640,12 @@ def _tuner(spec: spec_module.SweepSpec, configs: list[dict], cpus: float, gpus: 
            max_concurrent: int | None, callback: Any, name: str, storage: str) -> Any:
     from ray import tune
 
+    from workers.telemetry import trainable
     from workers.trial import tune_trainable
 
     return tune.Tuner(
-        tune.with_resources(tune_trainable, {"cpu": cpus, "gpu": gpus}),
+        # Actors named after their first trial in the dashboard (workers/telemetry.py).
+        tune.with_resources(trainable(tune_trainable), {"cpu": cpus, "gpu": gpus}),
         param_space={"trial": tune.grid_search(configs)},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=max_concurrent or spec.max_concurrent_trials,

@@ -26,7 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from workers import cache, result_files
+from workers import cache, result_files, telemetry
 from workers.data import Dataset, load_dataset, load_documents, token_stream
 from workers.deadline import Deadline
 from workers.evaluators import MODEL_METRICS, evaluators
@@ -556,8 +556,9 @@ def tune_trainable(config: dict[str, Any]) -> None:
         gpu_ids = [str(i) for i in ray.get_gpu_ids()]
     except Exception:  # noqa: BLE001 - outside a Ray worker: what CUDA would see
         gpu_ids = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
-    tune.report({"started": json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                        "gpus": ",".join(gpu_ids)})})
+    host, gpus = socket.gethostname(), ",".join(gpu_ids)
+    tune.report({"started": json.dumps({"host": host, "pid": os.getpid(), "gpus": gpus})})
+    telemetry.trial_started(trial, host, gpus)
     # Relative paths in the spec (datasets, images, model directories, calibration files)
     # mean what they meant where `sweep launch` ran, not in Tune's trial directory.
     driver_cwd = trial.get("driver_cwd")
@@ -566,6 +567,7 @@ def tune_trainable(config: dict[str, Any]) -> None:
     result, timed_out = _run_within_limits(trial)
     if trial.get("result_dir"):
         result_files.write(trial["result_dir"], trial["trial_key"], result)
+    telemetry.trial_finished(trial, result)
     tune.report({"payload": json.dumps(result), "trial_status": result["status"]})
     if timed_out:
         threading.Timer(TIMEOUT_EXIT_GRACE_S, os._exit, args=(TIMEOUT_EXIT_CODE,)).start()
