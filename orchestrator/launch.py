@@ -246,7 +246,7 @@ def _results_callback_class() -> type:
             # Only for a Ray Client launch: there, Tune runs on the cluster, with a copy
             # of this callback that opens its own writer on the database.
             self.db_url = db_url
-            self.sweep = writer.sweep
+            self.sweep = getattr(writer, "sweep", None)
             self.owns_writer = False
 
         def __getstate__(self) -> dict:
