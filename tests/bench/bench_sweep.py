@@ -41,6 +41,10 @@ One run measures, side by side on the same 12-trial grid (``builtin:tiny-llama``
    and shuts Ray down: the fixed cost no sweep on this machine goes below. ``(launch −
    floor) / ideal`` is what the sweep adds beyond it.
 
+``--running-ray`` starts a Ray head with ``ray start`` before the launch and gives the
+launch and the floor ``--address``: the cluster case, where Ray is already running and a
+launch neither starts nor stops it.
+
 Every figure is printed with its target and ``met`` / ``missed``; a missed target does not
 fail the run (a shared 2-core machine is noisy). The run does fail (exit 1) when the launch
 fails, a trial fails, or the script's perplexities differ from the sweep's (relative
@@ -66,6 +70,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -253,13 +258,15 @@ def pure_pass(spec_path: Path, threads: int) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- 1. the launch
 
 
-def run_launch(workdir: Path, spec_path: Path, env: dict[str, str],
-               dashboard: bool) -> tuple[float, float, subprocess.CompletedProcess]:
+def run_launch(workdir: Path, spec_path: Path, env: dict[str, str], dashboard: bool,
+               address: str | None = None) -> tuple[float, float, subprocess.CompletedProcess]:
     """(wall seconds, epoch start, process) of ``sweep launch`` on a fresh SQLite file."""
     db = f"sqlite:///{workdir / 'sweeps.db'}"
     command = [str(ROOT / ".venv" / "bin" / "sweep"), "--db", db, "launch", str(spec_path)]
     if not dashboard:
         command.append("--no-dashboard")
+    if address:
+        command += ["--address", address]
     epoch = time.time()
     started = time.perf_counter()
     proc = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True,
@@ -335,6 +342,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--script-only", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--floor-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ray-address", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--running-ray", action="store_true",
+                        help="launch on a Ray started beforehand with `ray start --head` (the "
+                             "cluster case: no Ray start or shutdown in the launch)")
     return parser.parse_args(argv)
 
 
@@ -346,7 +357,51 @@ def _floor_trial(config: dict[str, Any]) -> None:
     tune.report({"done": 1})
 
 
-def floor_main(concurrency: int, dashboard: bool) -> int:
+@contextmanager
+def running_ray(root: Path, env: dict[str, str], cpus: int, dashboard: bool):
+    """A local Ray head started with ``ray start`` (as on a cluster), stopped afterwards;
+    yields its address. Only this head's processes are stopped."""
+    import signal
+    import socket
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+
+    port = free_port()
+    command = [str(ROOT / ".venv" / "bin" / "ray"), "start", "--head", "--port", str(port),
+               "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus), "--num-gpus", "0",
+               "--temp-dir", str(root), "--dashboard-port", str(free_port()),
+               "--ray-client-server-port", str(free_port()), "--disable-usage-stats",
+               f"--include-dashboard={'true' if dashboard else 'false'}"]
+    head_env = dict(env, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+                    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    proc = subprocess.Popen(command, env=head_env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output, _ = proc.communicate(timeout=120)
+    try:
+        if proc.returncode != 0:
+            raise RuntimeError(f"ray start failed: {output[-2000:]}")
+        yield f"127.0.0.1:{port}", head_env
+    finally:
+        for entry in Path("/proc").iterdir():  # the head's daemons name its temp dir
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if entry.name.isdigit() and str(root) in cmdline:
+                try:
+                    os.kill(int(entry.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def floor_main(concurrency: int, dashboard: bool, address: str | None = None) -> int:
     """The ``--floor-only`` child: what Ray and Tune cost with no work at all.
 
     The launch's own steps around the trials: import the CLI's modules, start a local Ray
@@ -359,7 +414,7 @@ def floor_main(concurrency: int, dashboard: bool) -> int:
     from orchestrator import launch
     from orchestrator.cli import main as _cli  # noqa: F401 - the CLI's imports
 
-    launch.start_ray(None, include_dashboard=dashboard)
+    launch.start_ray(address, include_dashboard=dashboard)
     import ray
 
     storage = Path(tempfile.mkdtemp(prefix="bench-floor-"))
@@ -368,7 +423,7 @@ def floor_main(concurrency: int, dashboard: bool) -> int:
                tune_config=tune.TuneConfig(max_concurrent_trials=concurrency,
                                            reuse_actors=True),
                run_config=tune.RunConfig(storage_path=str(storage), verbose=0)).fit()
-    ray.shutdown()
+    ray.shutdown()  # disconnects from a running Ray; stops a Ray started here
     return 0
 
 
@@ -388,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.script_only is not None:
         return script_main(args.script_only, args.script_threads)
     if args.floor_only:
-        return floor_main(args.concurrency, not args.no_dashboard)
+        return floor_main(args.concurrency, not args.no_dashboard, args.ray_address)
 
     import yaml
 
@@ -415,13 +470,38 @@ def main(argv: list[str] | None = None) -> int:
           f"max_concurrent_trials {concurrency}, cpus_per_trial 1; model {model_dir.name}; "
           f"work dir {workdir}", flush=True)
 
-    # 1. launch
-    launch_s, launch_epoch, proc = run_launch(workdir, spec_path, env, not args.no_dashboard)
-    print(f"[1] sweep launch: {launch_s:.1f} s (exit code {proc.returncode}); {load_avg()}",
-          flush=True)
-    if proc.returncode != 0:
-        print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
-        return 1
+    # 1. launch, and 4. Ray's floor, both on a Ray started beforehand with --running-ray
+    with ExitStack() as stack:
+        address = None
+        if args.running_ray:
+            address, env = stack.enter_context(running_ray(
+                Path(tempfile.mkdtemp(prefix="bench-ray-")), env, concurrency,
+                not args.no_dashboard))
+            print(f"[0] Ray head started beforehand at {address}; {load_avg()}", flush=True)
+        launch_s, launch_epoch, proc = run_launch(workdir, spec_path, env, not args.no_dashboard,
+                                                  address)
+        print(f"[1] sweep launch: {launch_s:.1f} s (exit code {proc.returncode}); {load_avg()}",
+              flush=True)
+        if proc.returncode != 0:
+            print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
+            return 1
+        # 4. Ray's floor: start, trivial trials in as many worker processes, shutdown
+        command = [sys.executable, str(Path(__file__).resolve()), "--floor-only",
+                   "--concurrency", str(concurrency)]
+        command += ["--no-dashboard"] if args.no_dashboard else []
+        command += ["--ray-address", address] if address else []
+        started = time.perf_counter()
+        child = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True,
+                               check=False)
+        floor_s = time.perf_counter() - started
+        if child.returncode != 0:
+            print("the Ray floor run failed:", child.stdout[-3000:], child.stderr[-3000:],
+                  sep="\n")
+            return 1
+        what = "connect" if address else "start"
+        print(f"[4] Ray/Tune floor ({what}, {concurrency} empty trials, shutdown): "
+              f"{floor_s:.1f} s; {load_avg()}", flush=True)
+
     db_rows = sweep_rows(workdir / "sweeps.db")
     failed = [r for r in db_rows if r["status"] != "done"]
     if len(db_rows) != n or failed:
@@ -452,20 +532,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[3] pure evaluation pass (1 thread): "
           f"{sum(r['method_s'] + r['eval_s'] for r in pure):.1f} s of work; {load_avg()}",
           flush=True)
-
-    # 4. Ray's floor: start, trivial trials in as many worker processes, shutdown
-    command = [sys.executable, str(Path(__file__).resolve()), "--floor-only",
-               "--concurrency", str(concurrency)] + (["--no-dashboard"] if args.no_dashboard
-                                                     else [])
-    started = time.perf_counter()
-    child = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True,
-                           check=False)
-    floor_s = time.perf_counter() - started
-    if child.returncode != 0:
-        print("the Ray floor run failed:", child.stdout[-3000:], child.stderr[-3000:], sep="\n")
-        return 1
-    print(f"[4] Ray/Tune floor (start, {concurrency} empty trials, shutdown): {floor_s:.1f} s; "
-          f"{load_avg()}", flush=True)
 
     # same work? the perplexities must agree across the three
     by_key = {r["trial_key"]: r for r in db_rows}
