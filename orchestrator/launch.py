@@ -359,17 +359,24 @@ def is_client_address(address: str | None) -> bool:
     return bool(address) and address.startswith("ray://")
 
 
-def check_address(address: str | None, db_url: str) -> None:
-    """Refuse, before anything is written, a results database a Ray Client launch can't use.
+def check_address(address: str | None, db_url: str, storage_path: str | None = None) -> None:
+    """Refuse, before anything is written, what a Ray Client launch cannot use.
 
     With Ray Client, Tune runs on the cluster's head node and the results are written from
-    there: a SQLite file on this machine is out of its reach.
+    there: a SQLite file on this machine is out of its reach, and so is the default storage
+    path (this machine's cache), where the next launch looks for result files.
     """
-    if is_client_address(address) and db_url.split(":", 1)[0].split("+", 1)[0] == "sqlite":
+    if not is_client_address(address):
+        return
+    if db_url.split(":", 1)[0].split("+", 1)[0] == "sqlite":
         raise BadInput(f"--address {address} runs the sweep's Tune loop on the cluster, which "
                        "writes the results itself: SQLite is a file on this machine; use "
                        "PostgreSQL reachable from the head node (--db postgresql://…), or run "
                        "`sweep launch --address auto` on the head node")
+    if storage_path is None:
+        raise BadInput(f"--address {address} needs --storage-path: Tune runs on the cluster, "
+                       "so give a directory this machine and every node mount at the same path, "
+                       "or an object store URI (s3://bucket/dir)")
 
 
 class _StatusPoller(threading.Thread):

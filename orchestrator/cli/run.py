@@ -82,7 +82,7 @@ def launch(
         return
     if address is None:
         service.check_local_resources(spec)
-    service.check_address(address, db_url)
+    service.check_address(address, db_url, storage_path)
     planned = service.plan(spec, str(spec_path), db_url, retry_failed=retry_failed,
                            storage_path=storage_path)
     skipped = len(planned.trials) - len(planned.to_run) - len(planned.busy)

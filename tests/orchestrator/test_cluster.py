@@ -356,6 +356,17 @@ def test_ray_client_launch_runs_tune_on_the_cluster_and_records_every_trial(
 
 
 def test_ray_client_with_sqlite_is_refused_before_anything_is_written(tmp_path):
-    error = refused_launch(tmp_path, "--address", "ray://head.example:10001")
+    error = refused_launch(tmp_path, "--address", "ray://head.example:10001",
+                           "--storage-path", str(tmp_path / "tune"))
     assert error.startswith("error: --address ray://head.example:10001 runs the sweep's Tune")
     assert "PostgreSQL" in error
+
+
+def test_ray_client_without_storage_path_is_refused(tmp_path):
+    from orchestrator import launch
+    from orchestrator.errors import BadInput
+
+    with pytest.raises(BadInput, match=r"^--address ray://h:10001 needs --storage-path"):
+        launch.check_address("ray://h:10001", "postgresql+psycopg://u@db/s", None)
+    launch.check_address("ray://h:10001", "postgresql+psycopg://u@db/s", "s3://b/t")
+    launch.check_address("auto", "sqlite:///r.db", None)  # only Ray Client needs them
