@@ -109,20 +109,15 @@ def environment() -> dict[str, Any]:
 # --------------------------------------------------------------------------- caches
 
 
-# What a GPU-less trial hid from CUDA in this process (see _device).
-_hidden_gpus: dict[str, str | None] = {}
-
-
 def _device(config: dict[str, Any]) -> str:
     """The trial's device: its GPU when it was given one (unless the model entry says
     ``device: cpu``), else the CPU; ``device: cuda`` without a GPU is an error."""
     import torch
 
     wanted = (config.get("model") or {}).get("device") or "auto"
-    if config.get("gpus_per_trial") == 0 and "CUDA_VISIBLE_DEVICES" not in _hidden_gpus:
+    if config.get("gpus_per_trial") == 0:
         # Ray leaves a GPU-less trial the node's GPUs visible; it was given none, so it
-        # must not touch them (nor report them as its hardware).
-        _hidden_gpus["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+        # must not touch them (nor report them as its hardware). Set before CUDA starts.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     has_gpu = bool(config.get("use_gpu")) and torch.cuda.is_available()
     if wanted == "cpu":

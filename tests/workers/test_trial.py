@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -259,3 +260,22 @@ def test_int8_variants_keep_the_parameter_count_and_their_bytes_are_counted_by_h
     assert twice[0] is twice[1] and isinstance(twice[1], Int8PerTokenLinear)
     assert trial.parameter_count(twice) == 8 * 8 + 8
     assert trial.model_bytes(twice) == 8 * 8 + 4 * 8 + 4 * 8
+
+
+def test_a_trial_given_no_gpu_hides_the_nodes_gpus(monkeypatch):
+    """Ray leaves CUDA_VISIBLE_DEVICES as the node had it for a trial without GPUs."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    # CUDA reads the variable once, when it starts: keep it from starting in this process.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = {"model": {"id": "m"}, "gpus_per_trial": 0, "use_gpu": False}
+    assert trial._device(config) == "cpu"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+    assert trial._gpu_evidence(config, "cpu") == {}
+
+
+def test_gpu_evidence_names_the_visible_gpus_and_sharing(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    whole = trial._gpu_evidence({"gpus_per_trial": 1.0}, "cuda:0")
+    assert whole == {"gpus_per_trial": 1.0, "cuda_visible_devices": ["3"], "gpu_shared": False,
+                     "gpu_used": True}
+    assert trial._gpu_evidence({"gpus_per_trial": 0.25}, "cpu")["gpu_shared"] is True
